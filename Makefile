@@ -1,0 +1,56 @@
+# Thin wrappers around pip, the `s3` CLI and pytest. Everything runs offline on CPU.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.s3-setup-stamp
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export VLLM_NO_USAGE_STATS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-all docs clean-outputs check-clean
+
+## setup: create or reuse .venv from the committed lock (torch==2.13.0 CPU); a no-op when nothing changed
+setup: $(STAMP)
+
+$(STAMP): requirements/cpu.lock requirements/embedded.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/cpu.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements/embedded.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+	@echo "setup: $(VENV) is ready"
+
+## demo: run the whole pipeline on the embedded default (offline, CPU)
+demo: setup
+	$(BIN)/s3 run all --config configs/smoke.yaml
+
+## test: notebook tests (one pytest item per notebook) + system tests + export/clean sync check
+test: setup
+	$(BIN)/python -m pytest -q tests
+	@$(MAKE) --no-print-directory check-clean
+
+## test-all: also the slow and service-flagged cells and tests
+test-all: setup
+	S3_TEST_FLAGS="slow service" $(BIN)/python -m pytest -q tests --runslow
+
+## check-clean: nbdev-export and nbdev-clean must leave the tree unchanged
+check-clean: setup
+	@before=$$(git status --porcelain); \
+	$(BIN)/nbdev-export && $(BIN)/nbdev-clean; \
+	after=$$(git status --porcelain); \
+	if [ "$$before" != "$$after" ]; then echo "check-clean: nbdev-export/nbdev-clean changed files:"; git status --porcelain; exit 1; fi; \
+	echo "check-clean: notebooks clean and modules in sync"
+
+## docs: stage the docs offline; render the site with Quarto when it is installed
+docs: setup
+	$(BIN)/python -c "from nbdev.serve import proc_nbs; proc_nbs()"
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev-docs; \
+	else echo "docs: Quarto is not installed, so the site was not rendered (staged notebooks are in _proc/)."; \
+	     echo "      Install Quarto (https://quarto.org) and run 'make docs' again to build _docs/."; fi
+
+clean-outputs:
+	rm -rf outputs/runs

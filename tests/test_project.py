@@ -1,0 +1,79 @@
+"System tests of the foundation: project configuration, the `s3` command, a real stage run, docs staging."
+import json, os, subprocess, sys, tomllib
+from pathlib import Path
+import nbformat, pytest, yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+S3 = [str(Path(sys.executable).parent/'s3')]
+
+
+def s3(*args, env=None, timeout=900):
+    return subprocess.run([*S3, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_nbdev_config():
+    cfg = tomllib.loads((ROOT/'pyproject.toml').read_text())
+    nb = cfg['tool']['nbdev']
+    assert set(nb['tst_flags'].split()) == {'slow', 'gpu', 'service'}
+    assert 'tags' in nb['allowed_cell_metadata_keys']
+    assert cfg['project']['name'] == 's3-nbs' and cfg['project']['scripts']['s3'] == 's3_nbs.cli:main'
+    assert not any((d/'settings.ini').exists() for d in [ROOT, *ROOT.parents]), 'nbdev 3 refuses to run with a settings.ini'
+
+
+def test_lock_pins_cpu_torch():
+    lock = (ROOT/'requirements'/'cpu.lock').read_text().splitlines()
+    assert 'torch==2.13.0' in lock
+    assert all('==' in l for l in lock if l.strip() and not l.startswith('#')), 'every lock line must be pinned'
+
+
+def test_stage_notebooks_keep_parameters_tag_through_clean(tmp_path):
+    from nbdev.clean import clean_nb
+    from nbdev.config import get_config
+    from s3_nbs.pipeline import list_stages
+    stages = list_stages()
+    assert stages, 'no stage notebooks found'
+    for st in stages:
+        nb = json.loads(st.path.read_text())
+        clean_nb(nb, allowed_cell_metas=get_config().allowed_cell_metadata_keys)
+        assert sum('parameters' in c.get('metadata', {}).get('tags', []) for c in nb['cells']) == 1, st.name
+
+
+def test_unknown_parameter_is_refused():
+    r = s3('run', '01_prepare_data', '-p', 'no_such_param=1')
+    assert r.returncode == 2
+    assert "no parameter 'no_such_param'" in r.stderr and 'max_passages' in r.stderr, r.stderr
+
+
+def test_bad_config_value_is_refused_before_running(tmp_outputs):
+    r = s3('run', '01_prepare_data', '--set', 'searcher.max_selected=99', env={'S3_NBS_OUTPUTS': str(tmp_outputs)})
+    assert r.returncode == 2 and 'cannot exceed' in r.stderr, r.stderr
+    assert not (tmp_outputs/'runs').exists() or not any((tmp_outputs/'runs').rglob('*.ipynb'))
+
+
+def test_prepare_data_stage_end_to_end(tmp_outputs):
+    r = s3('run', '01_prepare_data', '-p', 'max_passages=600', '--quiet', env={'S3_NBS_OUTPUTS': str(tmp_outputs)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'executed notebook:' in r.stdout and 'passages: 600' in r.stdout
+    run_dir = Path((tmp_outputs/'runs'/'01_prepare_data'/'latest').read_text().strip())
+    run_dir = tmp_outputs/'runs'/'01_prepare_data'/run_dir
+    man = json.loads((run_dir/'manifest.json').read_text())
+    assert man['status'] == 'ok' and man['config']['data']['max_passages'] == 600
+    assert man['metrics']['passages'] == 600
+    q = man['metrics']['questions']
+    assert q['train'] > q['dev'] > 0 and q['test'] > 0
+    assert man['git']['sha'] is None or len(man['git']['sha']) == 40
+    assert 'torch' in man['packages'] and man['seed'] == 42
+    data = Path(man['metrics']['data_dir'])
+    assert {p.name for p in data.iterdir()} >= {'corpus.jsonl', 'train.jsonl', 'dev.jsonl', 'test.jsonl', 'data_card.md'}
+    assert 'CC BY-SA' in (data/'data_card.md').read_text()
+    assert yaml.safe_load((run_dir/'params.yaml').read_text())['parameters'] == {'max_passages': 600}
+    nb = nbformat.read(run_dir/'01_prepare_data.ipynb', as_version=4)
+    assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
+    assert (run_dir/'artifacts'/'counts.png').stat().st_size > 1000
+
+
+def test_docs_staging_runs_offline():
+    r = subprocess.run([sys.executable, '-c', 'from nbdev.serve import proc_nbs; proc_nbs(n_workers=1)'], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (ROOT/'_proc'/'api'/'00_config.ipynb').exists() and (ROOT/'_proc'/'index.ipynb').exists()
