@@ -4,7 +4,7 @@ Cells flagged `slow`, `gpu` or `service` are skipped unless named in the env var
 import os
 from pathlib import Path
 import pytest
-from nbdev.test import test_nb
+from nbdev.test import test_nb as run_notebook_tests
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT/'nbs'/'api').glob('[0-9]*.ipynb'))
@@ -14,7 +14,7 @@ ALL_FLAGS = ('slow', 'gpu', 'service')
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook(nb):
     force = os.environ.get('S3_TEST_FLAGS', '').split()
-    ok, secs = test_nb(nb, skip_flags=[f for f in ALL_FLAGS if f not in force], force_flags=force, showerr=True)
+    ok, secs = run_notebook_tests(nb, skip_flags=[f for f in ALL_FLAGS if f not in force], force_flags=force, showerr=True)
     assert ok, f"{nb.name}: a cell failed (traceback above)"
 
 
