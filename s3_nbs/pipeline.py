@@ -61,6 +61,9 @@ def read_parameters(nb_path) -> list[StageParam]:
         try: default = ast.literal_eval(val)
         except ValueError: raise StageError(f"{nb_path.name}: parameter {name} must have a literal default (line {node.lineno})") from None
         line = lines[node.lineno - 1]
+        if line.count('=') > 1 or node.end_lineno != node.lineno:
+            raise StageError(f"{nb_path.name}: parameter {name} must be one line with a single '=' (papermill cannot parse "
+                             f"'=' inside the help comment): {line.strip()!r}")
         comment = line.split('#', 1)[1].strip() if '#' in line[val.end_col_offset:] else ''
         key = None
         head = comment.split(':', 1)[0].strip()
