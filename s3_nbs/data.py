@@ -10,11 +10,12 @@ import gzip, json, os, random, re
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+from .metrics import is_yes_no_answer
 
 # %% auto #0
-__all__ = ['FLASHRAG_REPO', 'MIRAGE_DATASETS', 'DataFormatError', 'iter_jsonl', 'write_jsonl', 'QAExample', 'qa_from_record',
-           'read_qa_jsonl', 'write_qa_jsonl', 'qa_from_hf', 'load_flashrag_hf', 'format_mcq', 'read_mirage',
-           'is_yes_no', 'drop_yes_no', 'load_rag_cache', 'drop_answered_by_rag', 'sample_examples',
+__all__ = ['FLASHRAG_REPO', 'MIRAGE_DATASETS', 'is_yes_no', 'DataFormatError', 'iter_jsonl', 'write_jsonl', 'QAExample',
+           'qa_from_record', 'read_qa_jsonl', 'write_qa_jsonl', 'qa_from_hf', 'load_flashrag_hf', 'format_mcq',
+           'read_mirage', 'drop_yes_no', 'load_rag_cache', 'drop_answered_by_rag', 'sample_examples',
            'build_training_set']
 
 # %% ../nbs/api/01_data.ipynb #0007
@@ -207,11 +208,7 @@ def read_mirage(path, datasets: Iterable[str] | None = None) -> list[QAExample]:
     return out
 
 # %% ../nbs/api/01_data.ipynb #0037
-_YES_NO = {'yes', 'no', 'true', 'false'}
-
-def is_yes_no(answers: Iterable[str]) -> bool:
-    "True when any gold answer is yes/no/true/false (ignoring case, spaces and trailing punctuation)."
-    return any(re.sub(r'[\s.!?,;:]+$', '', str(a).strip().lower()) in _YES_NO for a in answers)
+is_yes_no = is_yes_no_answer  # one definition, shared with the metrics (yes/no/true/false, any case)
 
 def drop_yes_no(examples: Iterable[QAExample]) -> list[QAExample]:
     "The examples whose gold answers are not yes/no."
