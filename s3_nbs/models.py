@@ -151,7 +151,6 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"GGUF tensors do not match the model: missing {sorted(set(missing)-tied)[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
-    model.config._name_or_path = gguf_path.stem
     model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                                                pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id)
     model.to(getattr(torch, dtype)).save_pretrained(out_dir)
