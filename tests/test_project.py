@@ -50,28 +50,6 @@ def test_bad_config_value_is_refused_before_running(tmp_outputs):
     assert not (tmp_outputs/'runs').exists() or not any((tmp_outputs/'runs').rglob('*.ipynb'))
 
 
-def test_prepare_data_stage_end_to_end(tmp_outputs):
-    r = s3('run', '01_prepare_data', '-p', 'max_passages=600', '--quiet', env={'S3_NBS_OUTPUTS': str(tmp_outputs)})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert 'executed notebook:' in r.stdout and 'passages: 600' in r.stdout
-    run_dir = Path((tmp_outputs/'runs'/'01_prepare_data'/'latest').read_text().strip())
-    run_dir = tmp_outputs/'runs'/'01_prepare_data'/run_dir
-    man = json.loads((run_dir/'manifest.json').read_text())
-    assert man['status'] == 'ok' and man['config']['data']['max_passages'] == 600
-    assert man['metrics']['passages'] == 600
-    q = man['metrics']['questions']
-    assert q['train'] > q['dev'] > 0 and q['test'] > 0
-    assert man['git']['sha'] is None or len(man['git']['sha']) == 40
-    assert 'torch' in man['packages'] and man['seed'] == 42
-    data = Path(man['metrics']['data_dir'])
-    assert {p.name for p in data.iterdir()} >= {'corpus.jsonl', 'train.jsonl', 'dev.jsonl', 'test.jsonl', 'data_card.md'}
-    assert 'CC BY-SA' in (data/'data_card.md').read_text()
-    assert yaml.safe_load((run_dir/'params.yaml').read_text())['parameters'] == {'max_passages': 600}
-    nb = nbformat.read(run_dir/'01_prepare_data.ipynb', as_version=4)
-    assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
-    assert (run_dir/'artifacts'/'counts.png').stat().st_size > 1000
-
-
 def test_docs_staging_runs_offline():
     r = subprocess.run([sys.executable, '-c', 'from nbdev.serve import proc_nbs; proc_nbs(n_workers=1, force=True)'], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)

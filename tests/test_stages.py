@@ -1,0 +1,83 @@
+"End-to-end runs of the pipeline stages through the `s3` command, on the embedded demo data (small settings)."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import nbformat, pytest, yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+S3 = str(Path(sys.executable).parent/'s3')
+
+
+def s3(outputs, *args, timeout=900, **popen):
+    env = {**os.environ, 'S3_NBS_OUTPUTS': str(outputs)}
+    return subprocess.run([S3, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def latest(outputs, stage):
+    d = outputs/'runs'/stage
+    return d/(d/'latest').read_text().strip()
+
+
+@pytest.fixture(scope='module')
+def outputs(tmp_path_factory):
+    "One stage-1 and one stage-2 run shared by the tests of this module."
+    out = tmp_path_factory.mktemp('outputs')
+    r = s3(out, 'run', '01_prepare_data', '-p', 'max_passages=300', '--quiet')
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = s3(out, 'run', '02_build_index', '--quiet')
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def test_prepare_data(outputs):
+    run_dir = latest(outputs, '01_prepare_data')
+    man = json.loads((run_dir/'manifest.json').read_text())
+    assert man['status'] == 'ok' and man['config']['data']['max_passages'] == 300
+    assert man['metrics']['passages'] == 300
+    q = man['metrics']['questions']
+    assert q['train'] > q['dev'] > 0 and q['test'] > 0
+    assert man['git']['sha'] is None or len(man['git']['sha']) == 40
+    assert 'torch' in man['packages'] and man['seed'] == 42 and man['seconds'] > 0
+    data = Path(man['metrics']['data_dir'])
+    assert {p.name for p in data.iterdir()} >= {'corpus.jsonl', 'train.jsonl', 'dev.jsonl', 'test.jsonl', 'data_card.md'}
+    assert 'CC BY-SA' in (data/'data_card.md').read_text()
+    assert yaml.safe_load((run_dir/'params.yaml').read_text())['parameters'] == {'max_passages': 300}
+    nb = nbformat.read(run_dir/'01_prepare_data.ipynb', as_version=4)
+    assert any('injected-parameters' in c.metadata.get('tags', []) for c in nb.cells)
+    assert (run_dir/'artifacts'/'counts.png').stat().st_size > 1000
+
+
+def test_build_index(outputs):
+    man = json.loads((latest(outputs, '02_build_index')/'manifest.json').read_text())
+    assert man['status'] == 'ok' and set(man['metrics']['indexes']) == {'dense', 'bm25'}
+    assert man['upstream']['01_prepare_data'] == str(latest(outputs, '01_prepare_data'))
+    # the evidence pages are in the corpus, so a real retriever must find many of them
+    assert man['metrics']['evidence_recall_at_8']['dense'] > 0.5 and man['metrics']['evidence_recall_at_8']['bm25'] > 0.3
+    r = s3(outputs, 'run', '02_build_index', '--quiet')  # content-addressed: a re-run reuses the indexes
+    assert r.returncode == 0, r.stderr
+    man2 = json.loads((latest(outputs, '02_build_index')/'manifest.json').read_text())
+    assert man2['metrics']['indexes'] == man['metrics']['indexes'] and man2['seconds'] < man['seconds']
+
+
+def test_rag_cache_resumes_after_kill(outputs):
+    "Kill the stage (whole process group) mid-way; the re-run finishes the cache with nothing lost or duplicated."
+    n = 60
+    args = ['run', '03_rag_cache', '-p', f'max_questions={n}', '-p', 'chunk_size=2', '-p', 'retriever=bm25',
+            '-p', 'model=tiny-llama', '--set', 'generator.max_tokens=8', '--quiet']
+    env = {**os.environ, 'S3_NBS_OUTPUTS': str(outputs)}
+    p = subprocess.Popen([S3, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cache_dir, deadline = outputs/'rag_cache', time.time() + 300
+    lines = lambda: sum(1 for f in cache_dir.glob('*.jsonl') for _ in open(f)) if cache_dir.exists() else 0
+    while lines() < 6 and time.time() < deadline and p.poll() is None: time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL); p.wait()
+    killed_at = lines()
+    assert 0 < killed_at < n, f'the kill should land mid-way (cache had {killed_at} of {n} entries)'
+    r = s3(outputs, *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    man = json.loads((latest(outputs, '03_rag_cache')/'manifest.json').read_text())
+    m = man['metrics']
+    assert m['cached_before'] >= killed_at - 2 and m['cached_before'] + m['computed'] == n == m['questions']
+    rows = [json.loads(l) for l in open(m['cache_path'])]
+    assert len(rows) == len({r['id'] for r in rows}) == n, 'no duplicates, nothing missing'
+    assert all(set(r) >= {'answer', 'genacc', 'em', 'doc_ids', 'acc'} and len(r['doc_ids']) == 3 for r in rows)
+    r = s3(outputs, *args)  # a third run computes nothing
+    assert r.returncode == 0 and json.loads((latest(outputs, '03_rag_cache')/'manifest.json').read_text())['metrics']['computed'] == 0
