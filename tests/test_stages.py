@@ -68,6 +68,7 @@ def test_rag_cache_resumes_after_kill(outputs):
     cache_dir, deadline = outputs/'rag_cache', time.time() + 300
     lines = lambda: sum(1 for f in cache_dir.glob('*.jsonl') for _ in open(f)) if cache_dir.exists() else 0
     while lines() < 6 and time.time() < deadline and p.poll() is None: time.sleep(0.2)
+    assert p.poll() is None, f'the stage ended (exit {p.returncode}) before it could be killed: run it by hand to see why'
     os.killpg(p.pid, signal.SIGKILL); p.wait()
     killed_at = lines()
     assert 0 < killed_at < n, f'the kill should land mid-way (cache had {killed_at} of {n} entries)'
