@@ -10,7 +10,7 @@ import argparse, json, sys
 from pathlib import Path
 import yaml
 from .config import ConfigError, config_to_dict, parse_assignments, resolve_config
-from .pipeline import StageError, list_stages, run_all, run_stage
+from .pipeline import StageError, list_stages, run_stage
 
 # %% auto #0
 __all__ = ['build_parser', 'main']
@@ -75,7 +75,8 @@ def main(argv=None) -> int:
             kw = dict(progress=not args.quiet, log_output=args.log_output)
             if args.stage == 'all':
                 if args.param: raise StageError("-p sets one stage's parameters; with 'all' use --set section.key=value")
-                for res in run_all(args.config, overrides=args.set, **kw): _report(res)
+                for st in list_stages():  # report each stage as soon as it finishes
+                    _report(run_stage(st.name, args.config, overrides=args.set, **kw))
             else:
                 _report(run_stage(args.stage, args.config, params=parse_assignments(args.param), overrides=args.set,
                                   run_id=args.run_id, **kw))
