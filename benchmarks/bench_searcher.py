@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument('--max-turns', type=int, default=3, help='Z')
     ap.add_argument('--retrieved-per-search', type=int, default=8, help='X')
     ap.add_argument('--max-selected', type=int, default=3, help='Y')
-    ap.add_argument('--max-step-tokens', type=int, default=96)
+    ap.add_argument('--max-step-tokens', type=int, default=96, help='tokens per generation step (smoke config: 96)')
     ap.add_argument('--max-obs-tokens', type=int, default=600)
     ap.add_argument('--max-context-tokens', type=int, default=2048)
     ap.add_argument('--max-initial-prompt-tokens', type=int, default=1024)

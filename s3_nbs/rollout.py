@@ -6,7 +6,7 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/rollout.html.md"""
 
 # %% ../nbs/api/41_rollout.ipynb #0003
 from __future__ import annotations
-import asyncio, collections, concurrent.futures, inspect, math, os, time
+import asyncio, collections, concurrent.futures, contextlib, inspect, math, os, time
 from typing import Any, Iterable, Mapping, Sequence
 import httpx
 from .config import SearcherConfig, get_logger
@@ -14,10 +14,12 @@ from .searcher import (STOP, Generation, PromptTemplate, SearchResult, Trajector
                              token_pieces)
 
 # %% auto #0
-__all__ = ['RETRY_STATUS', 'HFPolicy', 'OpenAIPolicy', 'run_sync', 'arun_searcher', 'run_searcher', 'collate', 'summarize']
+__all__ = ['GQA_ATTENTION', 'RETRY_STATUS', 'gqa_sdpa_attention', 'register_gqa_attention', 'gqa_attention', 'HFPolicy',
+           'OpenAIPolicy', 'run_sync', 'arun_searcher', 'run_searcher', 'collate', 'summarize']
 
 # %% ../nbs/api/41_rollout.ipynb #0006
 _log = get_logger('s3_nbs.rollout')
+GQA_ATTENTION = 's3_gqa_sdpa'
 
 def _eos_ids(model, tok) -> list[int]:
     ids = getattr(getattr(model, 'generation_config', None), 'eos_token_id', None)
@@ -44,7 +46,7 @@ def _processors():
             return torch.stack(cols, 1) if cols else torch.zeros(gen.shape[0], 0)
 
     class RowStop(StoppingCriteria):
-        "Per-row stop: a stop string, EOS, or the row's own token budget."
+        "Per-row stop: a stop string, EOS, or the row's own token budget (counted from column `start`)."
         def __init__(self, tok, stops, start, budgets, eos):
             self.tok, self.stops, self.start, self.budgets, self.eos = tok, [s for s in stops if s], start, budgets, set(eos)
             self.keep = max([len(s) for s in self.stops] + [1]) + 16
@@ -61,21 +63,128 @@ def _processors():
 
     return LogprobRecorder, RowStop
 
+def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kw):
+    """SDPA attention for grouped-query attention with a mask, without repeating keys and values: the query heads
+    that share a key/value head are stacked along the query axis (same result as transformers' `sdpa`)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    n_rep = getattr(module, 'num_key_value_groups', 1)
+    if (n_rep == 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or dropout
+            or query.shape[1] != key.shape[1] * n_rep):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kw)
+    B, H, q, d = query.shape
+    m = attention_mask
+    Bm, _, qm, L = m.shape
+    if qm != q: m = m.expand(Bm, 1, q, L)
+    m = m[:, :, None].expand(Bm, 1, n_rep, q, L).reshape(Bm, 1, n_rep * q, L)
+    out = torch.nn.functional.scaled_dot_product_attention(query.reshape(B, H // n_rep, n_rep * q, d), key, value,
+                                                           attn_mask=m, scale=scaling)
+    return out.reshape(B, H, q, d).transpose(1, 2).contiguous(), None
+
+_REGISTERED = []
+
+def register_gqa_attention() -> str:
+    "Register `gqa_sdpa_attention` with transformers as `s3_gqa_sdpa` (once); returns the name."
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_attention)
+        AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+        _REGISTERED.append(GQA_ATTENTION)
+    return GQA_ATTENTION
+
+@contextlib.contextmanager
+def gqa_attention(model):
+    "Use `s3_gqa_sdpa` instead of `sdpa` inside the block (no-op for other attention implementations)."
+    old = getattr(model.config, '_attn_implementation', None)
+    if old != 'sdpa': yield; return
+    model.set_attn_implementation(register_gqa_attention())
+    try: yield
+    finally: model.set_attn_implementation(old)
+
 # %% ../nbs/api/41_rollout.ipynb #0007
+def _buffer_layer_cls():
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        "A full-attention cache layer that writes into a preallocated buffer (no `torch.cat` per step)."
+        def __init__(self, k=None, v=None, n: int = 0):
+            super().__init__()
+            self._k, self._v, self._n = k, v, n
+            if k is not None:
+                self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+                self.keys, self.values = k[..., :n, :], v[..., :n, :]
+        def lazy_initialization(self, key_states, value_states):
+            super().lazy_initialization(key_states, value_states)
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized: self.lazy_initialization(key_states, value_states)
+            n, add = self._n, key_states.shape[-2]
+            if self._k is None or n + add > self._k.shape[-2]:
+                cap = n + add + (n + add) // 4 + 16
+                k = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1])
+                v = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1])
+                if n: k[..., :n, :] = self._k[..., :n, :]; v[..., :n, :] = self._v[..., :n, :]
+                self._k, self._v = k, v
+            self._k[..., n:n + add, :] = key_states
+            self._v[..., n:n + add, :] = value_states
+            self._n = n + add
+            self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
+            return self.keys, self.values
+        def crop(self, max_length: int): raise NotImplementedError
+        def batch_select_indices(self, indices): raise NotImplementedError
+        def batch_repeat_interleave(self, repeats: int): raise NotImplementedError
+
+    return BufferLayer
+
+def _sample(logits, greedy: bool, temperature: float, top_p: float):
+    "Next token per row: argmax, or a sample at `temperature` from the smallest top-p set (as transformers' TopP)."
+    import torch
+    if greedy or temperature <= 0: return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        sp = sp.masked_fill((sp.cumsum(-1) - sp) >= top_p, 0.0)
+        return si.gather(-1, torch.multinomial(sp, 1)).squeeze(-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+# %% ../nbs/api/41_rollout.ipynb #0008
 class HFPolicy:
-    "A local Hugging Face causal LM as the searcher policy: batched `generate` with left padding, token ids and log-probs out."
-    def __init__(self, model, tokenizer=None, device: str | None = None, dtype=None, max_batch: int = 64):
+    "A local Hugging Face causal LM as the searcher policy: batched generation, token ids and log-probs out."
+    def __init__(self, model, tokenizer=None, device: str | None = None, dtype=None, max_batch: int = 64,
+                 engine: str = 'auto', reuse_cache: bool = True):
         from s3_nbs.models import load_causal_lm, load_tokenizer
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer or load_tokenizer(model)
             model = load_causal_lm(model, dtype=dtype, device=None if device in (None, 'auto') else device)
         if tokenizer is None: raise ValueError("pass the tokenizer with a loaded model")
-        self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        if engine not in ('auto', 's3', 'hf'): raise ValueError(f"engine must be auto, s3 or hf, got {engine!r}")
+        self.model, self.tokenizer, self.max_batch, self.reuse_cache = model.eval(), tokenizer, max_batch, reuse_cache
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self.engine = self._pick_engine() if engine == 'auto' else engine
+        self._store, self._store_version = [], None
+        self.stats = dict(calls=0, rows=0, prefill_tokens=0, reused_tokens=0, decode_steps=0)
 
-    def __repr__(self): return f"HFPolicy({self.model.config._name_or_path!r}, device={self.model.device}, max_batch={self.max_batch})"
+    def __repr__(self):
+        return f"HFPolicy({self.model.config._name_or_path!r}, device={self.model.device}, engine={self.engine}, max_batch={self.max_batch})"
+
+    def _pick_engine(self) -> str:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+        try: layers = DynamicCache(config=self.model.config).layers
+        except Exception: return 'hf'
+        ok = layers and all(type(l) is DynamicLayer for l in layers)
+        params = inspect.signature(self.model.forward).parameters
+        return 's3' if ok and 'position_ids' in params and 'logits_to_keep' in params else 'hf'
+
+    def reset(self):
+        "Forget the key/value caches kept from the last call."
+        self._store, self._store_version = [], None
+
+    def _weights_version(self) -> int:
+        "Changes whenever a parameter is updated in place (optimizer step, load_state_dict) or replaced."
+        return hash((id(self.model), tuple((p._version, p.data_ptr()) for p in self.model.parameters())))
 
     def generate(self, contexts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *, greedy: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] = (STOP,), **_) -> list[Generation]:
@@ -83,16 +192,128 @@ class HFPolicy:
         n = len(contexts)
         budgets = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
         if len(budgets) != n: raise ValueError(f"{n} contexts but {len(budgets)} budgets")
+        if any(not c for c in contexts): raise ValueError("every context needs at least one token")
+        self.stats['calls'] += 1; self.stats['rows'] += n
         out: list = [None] * n
+        if self.engine == 's3':
+            version = self._weights_version()
+            store = self._store if (self.reuse_cache and version == self._store_version) else []
+            self._store = []  # released before the new buffers are allocated
+            new_store = []
+            for k in range(0, n, self.max_batch):
+                rows = list(range(k, min(n, k + self.max_batch)))
+                gens, kept = self._s3_generate([contexts[i] for i in rows], [budgets[i] for i in rows], store, greedy,
+                                               temperature, top_p, stop)
+                for i, g in zip(rows, gens): out[i] = g
+                new_store += kept
+            store = None
+            self._store, self._store_version = (new_store, version) if self.reuse_cache else ([], None)
+            return out
         order = sorted(range(n), key=lambda i: -len(contexts[i]))  # similar lengths share a batch: less padding
         for k in range(0, n, self.max_batch):
             rows = order[k:k + self.max_batch]
-            for i, g in zip(rows, self._generate([contexts[i] for i in rows], [budgets[i] for i in rows], greedy,
-                                                 temperature, top_p, stop)):
+            for i, g in zip(rows, self._hf_generate([contexts[i] for i in rows], [budgets[i] for i in rows], greedy,
+                                                    temperature, top_p, stop)):
                 out[i] = g
         return out
 
-    def _generate(self, contexts, budgets, greedy, temperature, top_p, stop):
+    # -- s3 engine ---------------------------------------------------------------------------------------------
+    def _lookup(self, ctx, store):
+        "The longest kept (ids, kv) whose ids are a prefix of `ctx`, as (n, kv) - (0, None) when none."
+        best = (0, None)
+        for ids, kv in store:
+            n = len(ids)
+            if best[0] < n <= len(ctx) and ctx[n - 1] == ids[-1] and tuple(ctx[:n]) == ids: best = (n, kv)
+        return best
+
+    def _s3_generate(self, contexts, budgets, store, greedy, temperature, top_p, stop):
+        import torch
+        BufferLayer = _buffer_layer_cls()
+        from transformers.cache_utils import DynamicCache
+        model, dev = self.model, self.model.device
+        B, T = len(contexts), max(1, max(budgets))
+        rows_kv, last = [], []
+        with torch.no_grad(), gqa_attention(model):
+            for ctx in contexts:  # prefill each row's new tokens on its own: no padding
+                n, kv = self._lookup(ctx, store)
+                if n == len(ctx): n -= 1  # always feed at least one token to get the next-token logits
+                cache = DynamicCache(config=model.config)
+                if kv is None: cache.layers = [BufferLayer() for _ in cache.layers]
+                else:
+                    layers = []
+                    for k, v in kv:
+                        kb = k.new_empty(1, k.shape[0], len(ctx), k.shape[-1]); vb = v.new_empty(1, v.shape[0], len(ctx), v.shape[-1])
+                        kb[0, :, :n] = k[:, :n]; vb[0, :, :n] = v[:, :n]
+                        layers.append(BufferLayer(kb, vb, n))
+                    cache.layers = layers
+                x = torch.tensor([list(ctx[n:])], device=dev)
+                o = model(input_ids=x, position_ids=torch.arange(n, len(ctx), device=dev)[None], past_key_values=cache,
+                          use_cache=True, logits_to_keep=1)
+                last.append(o.logits[0, -1].float())
+                rows_kv.append([(l.keys[0], l.values[0]) for l in cache.layers])
+                self.stats['prefill_tokens'] += len(ctx) - n; self.stats['reused_tokens'] += n
+            store = None  # let the previous call's buffers go before allocating the decode buffer
+            lens = [len(c) for c in contexts]
+            L = max(lens)
+            layers = []
+            for li in range(len(rows_kv[0])):
+                k0 = rows_kv[0][li][0]
+                kb = k0.new_zeros(B, k0.shape[0], L + T, k0.shape[-1]); vb = k0.new_zeros(B, k0.shape[0], L + T, k0.shape[-1])
+                for i, kv in enumerate(rows_kv):
+                    kb[i, :, L - lens[i]:L] = kv[li][0]; vb[i, :, L - lens[i]:L] = kv[li][1]
+                layers.append(BufferLayer(kb, vb, L))
+            del rows_kv
+            cache = DynamicCache(config=model.config); cache.layers = layers
+            mask = torch.zeros(B, L + T, dtype=torch.long, device=dev)
+            for i, n in enumerate(lens): mask[i, L - n:L] = 1
+            pos = torch.tensor(lens, device=dev)
+            logits = torch.stack(last)
+            LogprobRecorder, RowStop = _processors()
+            stopper = RowStop(self.tokenizer, stop, 0, budgets, self.eos_ids)
+            toks, lps = [[] for _ in range(B)], [[] for _ in range(B)]
+            fed, idx, saved = 0, list(range(B)), {}  # idx[j]: the row held in decode-batch row j
+            for t in range(T):
+                nxt = _sample(logits, greedy, temperature, top_p)
+                nl = nxt.tolist()
+                ll = torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None]).squeeze(1).tolist()
+                col = torch.full((B, t + 1), self.pad_id, dtype=torch.long)  # RowStop reads the last column only
+                for j, i in enumerate(idx):
+                    if not stopper.done[i]: toks[i].append(nl[j]); lps[i].append(ll[j]); col[i, -1] = nl[j]
+                stopper(col, None)
+                alive = [j for j, i in enumerate(idx) if not stopper.done[i]]
+                if not alive: break
+                if len(idx) - len(alive) >= max(2, len(idx) // 4):  # drop finished rows from the decode batch
+                    for j, i in enumerate(idx):
+                        if stopper.done[i] and self.reuse_cache:
+                            f = min(len(toks[i]), fed)
+                            saved[i] = (f, [(l._k[j, :, L - lens[i]:L + f].clone(), l._v[j, :, L - lens[i]:L + f].clone())
+                                            for l in layers])
+                    sel = torch.tensor(alive, device=dev)
+                    for l in layers:
+                        l._k, l._v = l._k.index_select(0, sel), l._v.index_select(0, sel)
+                        l.keys, l.values = l._k[..., :l._n, :], l._v[..., :l._n, :]
+                    mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
+                    idx = [idx[j] for j in alive]
+                mask[:, L + t] = 1
+                o = model(input_ids=nxt[:, None].to(dev), attention_mask=mask[:, :L + t + 1], position_ids=(pos + t)[:, None],
+                          past_key_values=cache, use_cache=True)
+                logits = o.logits[:, -1].float()
+                fed += 1
+            self.stats['decode_steps'] += fed
+        gens = [cut_generation(tk, self.tokenizer, stop, self.eos_ids, b, lp_) for tk, lp_, b in zip(toks, lps, budgets)]
+        kept = []
+        if self.reuse_cache:
+            where = {i: j for j, i in enumerate(idx)}
+            for i, (ctx, g) in enumerate(zip(contexts, gens)):
+                if i in saved: f, kv = saved[i]
+                else:
+                    f, j = min(len(g.ids), fed), where[i]
+                    kv = [(l._k[j, :, L - lens[i]:L + f], l._v[j, :, L - lens[i]:L + f]) for l in layers]
+                kept.append((tuple(ctx) + tuple(g.ids[:f]), kv))
+        return gens, kept
+
+    # -- hf engine ---------------------------------------------------------------------------------------------
+    def _hf_generate(self, contexts, budgets, greedy, temperature, top_p, stop):
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
         LogprobRecorder, RowStop = _processors()
@@ -101,22 +322,23 @@ class HFPolicy:
         ids = torch.full((len(contexts), L), self.pad_id, dtype=torch.long)
         att = torch.zeros((len(contexts), L), dtype=torch.long)
         for r, c in enumerate(contexts):
-            if c: ids[r, L - len(c):] = torch.tensor(list(c)); att[r, L - len(c):] = 1
+            ids[r, L - len(c):] = torch.tensor(list(c)); att[r, L - len(c):] = 1
         sample = not greedy and temperature > 0
         gc = GenerationConfig(max_new_tokens=max(1, max(budgets)), do_sample=sample, num_beams=1,
                               temperature=float(temperature) if sample else 1.0, top_p=float(top_p) if sample else 1.0,
-                              top_k=0 if sample else None, min_p=0.0 if sample else None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                              min_new_tokens=0, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
+                              top_k=0 if sample else None, min_p=0.0 if sample else None, typical_p=1.0, repetition_penalty=1.0,
+                              no_repeat_ngram_size=0, min_new_tokens=0, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         rec, stopper = LogprobRecorder(), RowStop(self.tokenizer, stop, L, budgets, self.eos_ids)
-        with torch.no_grad():
+        with torch.no_grad(), gqa_attention(self.model):
             seq = self.model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gc,
                                       logits_processor=LogitsProcessorList([rec]), stopping_criteria=StoppingCriteriaList([stopper]))
         gen = seq[:, L:]
         lps = rec.result(gen).cpu().tolist()
         gen = gen.cpu().tolist()
+        self.stats['prefill_tokens'] += sum(len(c) for c in contexts); self.stats['decode_steps'] += len(gen[0]) if gen else 0
         return [cut_generation(g, self.tokenizer, stop, self.eos_ids, b, lp) for g, lp, b in zip(gen, lps, budgets)]
 
-# %% ../nbs/api/41_rollout.ipynb #0013
+# %% ../nbs/api/41_rollout.ipynb #0016
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 class OpenAIPolicy:
@@ -194,14 +416,14 @@ class OpenAIPolicy:
         "Synchronous `agenerate` (works inside a running event loop too)."
         return run_sync(self.agenerate(contexts, max_new_tokens, **kw))
 
-# %% ../nbs/api/41_rollout.ipynb #0014
+# %% ../nbs/api/41_rollout.ipynb #0017
 def run_sync(coro):
     "Run a coroutine to completion from synchronous code, also inside a running event loop (Jupyter)."
     try: asyncio.get_running_loop()
     except RuntimeError: return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(1) as ex: return ex.submit(asyncio.run, coro).result()
 
-# %% ../nbs/api/41_rollout.ipynb #0020
+# %% ../nbs/api/41_rollout.ipynb #0023
 def _example(q, i: int) -> dict:
     "`id`, `question`, `golden_answers`, `dataset` from a `QAExample`, a mapping or a question string."
     if isinstance(q, str): return dict(id=str(i), question=q, golden_answers=[], dataset='')
@@ -271,7 +493,7 @@ def run_searcher(questions: Sequence, policy, retriever, tokenizer=None, cfg: Se
     "Synchronous `arun_searcher` (also inside Jupyter's running event loop)."
     return run_sync(arun_searcher(questions, policy, retriever, tokenizer, cfg, **kw))
 
-# %% ../nbs/api/41_rollout.ipynb #0027
+# %% ../nbs/api/41_rollout.ipynb #0030
 def collate(results: Sequence[SearchResult], pad_id: int, device=None) -> dict:
     "Padded training tensors (verl layout) from results with token arrays."
     import torch
@@ -294,7 +516,7 @@ def collate(results: Sequence[SearchResult], pad_id: int, device=None) -> dict:
                loss_mask=torch.cat([torch.zeros_like(p_att), rmask], 1), rollout_log_probs=lps)
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
-# %% ../nbs/api/41_rollout.ipynb #0030
+# %% ../nbs/api/41_rollout.ipynb #0033
 def summarize(results: Sequence[SearchResult]) -> dict:
     "Counts and rates over results: turns, searches, documents per question, selections, invalid actions, finishes."
     n = len(results)
