@@ -14,7 +14,8 @@ from .config import cache_dir, get_logger
 # %% auto #0
 __all__ = ['MODELS', 'MARKER', 'CONVERTER_VERSION', 'package_dir', 'sha256_file', 'file_lock', 'is_built', 'build_once',
            'smollm2_gguf', 'gguf_tokenizer', 'gguf_to_hf', 'build_smollm2', 'tiny_llama_config', 'tiny_llama',
-           'tiny_llama_dir', 'resolve_model', 'default_device', 'load_tokenizer', 'load_causal_lm']
+           'tiny_llama_dir', 'resolve_model', 'default_device', 'cpu_has_fast_bf16', 'inference_dtype',
+           'load_tokenizer', 'load_causal_lm']
 
 # %% ../nbs/api/05_models.ipynb #0006
 MODELS: dict[str, dict] = {
@@ -221,8 +222,22 @@ def default_device() -> str:
     import torch
     return 'cuda' if torch.cuda.is_available() else 'cpu'
 
+def cpu_has_fast_bf16() -> bool:
+    "True when this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16), so bf16 inference beats fp32."
+    import torch
+    try: return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError: return False
+
+def inference_dtype(device: str | None = None):
+    """The dtype for generation-only models (searcher rollouts, the in-process generator): bf16 on CUDA, bf16 on a
+    CPU with native bf16 matmuls (`cpu_has_fast_bf16`), else fp32. Training keeps its fp32 master weights."""
+    import torch
+    device = str(device or default_device())
+    return torch.bfloat16 if device.startswith('cuda') or (device.startswith('cpu') and cpu_has_fast_bf16()) else torch.float32
+
 def _torch_dtype(dtype, device: str):
     import torch
+    if dtype == 'inference': return inference_dtype(device)
     if dtype is None: return torch.bfloat16 if str(device).startswith('cuda') else torch.float32
     if isinstance(dtype, str) and dtype != 'auto': return getattr(torch, dtype)
     return dtype
@@ -237,7 +252,8 @@ def load_tokenizer(name_or_path: str | os.PathLike, padding_side: str | None = N
 
 def load_causal_lm(name_or_path: str | os.PathLike, dtype=None, device: str | None = None, **kw):
     """`AutoModelForCausalLM` in eval mode for a model name or path. `dtype`: a torch dtype, its name, `'auto'`
-    (as saved) or None (bf16 on CUDA, fp32 on CPU); `device`: None picks CUDA when present."""
+    (as saved), `'inference'` (`inference_dtype`) or None (bf16 on CUDA, fp32 on CPU); `device`: None picks CUDA
+    when present."""
     from transformers import AutoModelForCausalLM
     device = device or default_device()
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=_torch_dtype(dtype, device), **kw)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio, collections, concurrent.futures, contextlib, inspect, math, os, time
 from typing import Any, Iterable, Mapping, Sequence
 import httpx
+import numpy as np
 from .config import SearcherConfig, get_logger
 from .searcher import (STOP, Generation, PromptTemplate, SearchResult, Trajectory, cut_generation, load_template,
                              token_pieces)
@@ -137,6 +138,13 @@ def _buffer_layer_cls():
 
     return BufferLayer
 
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    "Length of the common prefix of two 1-d id arrays."
+    m = min(len(a), len(b))
+    if not m or a[0] != b[0]: return 0
+    diff = np.flatnonzero(a[:m] != b[:m])
+    return int(diff[0]) if diff.size else m
+
 def _sample(logits, greedy: bool, temperature: float, top_p: float):
     "Next token per row: argmax, or a sample at `temperature` from the smallest top-p set (as transformers' TopP)."
     import torch
@@ -156,7 +164,7 @@ class HFPolicy:
         from s3_nbs.models import load_causal_lm, load_tokenizer
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer or load_tokenizer(model)
-            model = load_causal_lm(model, dtype=dtype, device=None if device in (None, 'auto') else device)
+            model = load_causal_lm(model, dtype=dtype or 'inference', device=None if device in (None, 'auto') else device)
         if tokenizer is None: raise ValueError("pass the tokenizer with a loaded model")
         if engine not in ('auto', 's3', 'hf'): raise ValueError(f"engine must be auto, s3 or hf, got {engine!r}")
         self.model, self.tokenizer, self.max_batch, self.reuse_cache = model.eval(), tokenizer, max_batch, reuse_cache
@@ -164,6 +172,7 @@ class HFPolicy:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
         self.engine = self._pick_engine() if engine == 'auto' else engine
+        self.compact = True  # drop finished rows from the decode batch once a quarter of it is done
         self._store, self._store_version = [], None
         self.stats = dict(calls=0, rows=0, prefill_tokens=0, reused_tokens=0, decode_steps=0)
 
@@ -219,11 +228,13 @@ class HFPolicy:
 
     # -- s3 engine ---------------------------------------------------------------------------------------------
     def _lookup(self, ctx, store):
-        "The longest kept (ids, kv) whose ids are a prefix of `ctx`, as (n, kv) - (0, None) when none."
+        """The kept `(ids, kv)` that shares the longest token prefix with `ctx` (numpy id arrays), as `(n, kv)`;
+        `(0, None)` when none does. A row's own previous turn matches its whole kept length; another question
+        written from the same template matches the shared instructions."""
         best = (0, None)
         for ids, kv in store:
-            n = len(ids)
-            if best[0] < n <= len(ctx) and ctx[n - 1] == ids[-1] and tuple(ctx[:n]) == ids: best = (n, kv)
+            n = _common_prefix(ids, ctx)
+            if n > best[0]: best = (n, kv)
         return best
 
     def _s3_generate(self, contexts, budgets, store, greedy, temperature, top_p, stop):
@@ -232,10 +243,11 @@ class HFPolicy:
         from transformers.cache_utils import DynamicCache
         model, dev = self.model, self.model.device
         B, T = len(contexts), max(1, max(budgets))
-        rows_kv, last = [], []
+        rows_kv, last, here = [], [], []  # here: rows prefilled in this call, prefix sources for the later rows
         with torch.no_grad(), gqa_attention(model):
             for ctx in contexts:  # prefill each row's new tokens on its own: no padding
-                n, kv = self._lookup(ctx, store)
+                arr = np.asarray(ctx, dtype=np.int64)
+                n, kv = max(self._lookup(arr, store), self._lookup(arr, here), key=lambda t: t[0])
                 if n == len(ctx): n -= 1  # always feed at least one token to get the next-token logits
                 cache = DynamicCache(config=model.config)
                 if kv is None: cache.layers = [BufferLayer() for _ in cache.layers]
@@ -251,8 +263,9 @@ class HFPolicy:
                           use_cache=True, logits_to_keep=1)
                 last.append(o.logits[0, -1].float())
                 rows_kv.append([(l.keys[0], l.values[0]) for l in cache.layers])
+                if self.reuse_cache: here.append((arr, rows_kv[-1]))
                 self.stats['prefill_tokens'] += len(ctx) - n; self.stats['reused_tokens'] += n
-            store = None  # let the previous call's buffers go before allocating the decode buffer
+            store = here = None  # let the previous call's buffers go before allocating the decode buffer
             lens = [len(c) for c in contexts]
             L = max(lens)
             layers = []
@@ -282,7 +295,7 @@ class HFPolicy:
                 stopper(col, None)
                 alive = [j for j, i in enumerate(idx) if not stopper.done[i]]
                 if not alive: break
-                if len(idx) - len(alive) >= max(2, len(idx) // 4):  # drop finished rows from the decode batch
+                if self.compact and len(idx) - len(alive) >= max(2, len(idx) // 4):  # drop finished rows from the batch
                     for j, i in enumerate(idx):
                         if stopper.done[i] and self.reuse_cache:
                             f = min(len(toks[i]), fed)
@@ -309,7 +322,7 @@ class HFPolicy:
                 else:
                     f, j = min(len(g.ids), fed), where[i]
                     kv = [(l._k[j, :, L - lens[i]:L + f], l._v[j, :, L - lens[i]:L + f]) for l in layers]
-                kept.append((tuple(ctx) + tuple(g.ids[:f]), kv))
+                kept.append((np.asarray(list(ctx) + list(g.ids[:f]), dtype=np.int64), kv))
         return gens, kept
 
     # -- hf engine ---------------------------------------------------------------------------------------------
@@ -338,7 +351,7 @@ class HFPolicy:
         self.stats['prefill_tokens'] += sum(len(c) for c in contexts); self.stats['decode_steps'] += len(gen[0]) if gen else 0
         return [cut_generation(g, self.tokenizer, stop, self.eos_ids, b, lp) for g, lp, b in zip(gen, lps, budgets)]
 
-# %% ../nbs/api/41_rollout.ipynb #0016
+# %% ../nbs/api/41_rollout.ipynb #0017
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 class OpenAIPolicy:
@@ -416,14 +429,14 @@ class OpenAIPolicy:
         "Synchronous `agenerate` (works inside a running event loop too)."
         return run_sync(self.agenerate(contexts, max_new_tokens, **kw))
 
-# %% ../nbs/api/41_rollout.ipynb #0017
+# %% ../nbs/api/41_rollout.ipynb #0018
 def run_sync(coro):
     "Run a coroutine to completion from synchronous code, also inside a running event loop (Jupyter)."
     try: asyncio.get_running_loop()
     except RuntimeError: return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(1) as ex: return ex.submit(asyncio.run, coro).result()
 
-# %% ../nbs/api/41_rollout.ipynb #0023
+# %% ../nbs/api/41_rollout.ipynb #0025
 def _example(q, i: int) -> dict:
     "`id`, `question`, `golden_answers`, `dataset` from a `QAExample`, a mapping or a question string."
     if isinstance(q, str): return dict(id=str(i), question=q, golden_answers=[], dataset='')
@@ -493,7 +506,7 @@ def run_searcher(questions: Sequence, policy, retriever, tokenizer=None, cfg: Se
     "Synchronous `arun_searcher` (also inside Jupyter's running event loop)."
     return run_sync(arun_searcher(questions, policy, retriever, tokenizer, cfg, **kw))
 
-# %% ../nbs/api/41_rollout.ipynb #0030
+# %% ../nbs/api/41_rollout.ipynb #0033
 def collate(results: Sequence[SearchResult], pad_id: int, device=None) -> dict:
     "Padded training tensors (verl layout) from results with token arrays."
     import torch
@@ -516,7 +529,7 @@ def collate(results: Sequence[SearchResult], pad_id: int, device=None) -> dict:
                loss_mask=torch.cat([torch.zeros_like(p_att), rmask], 1), rollout_log_probs=lps)
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
-# %% ../nbs/api/41_rollout.ipynb #0033
+# %% ../nbs/api/41_rollout.ipynb #0036
 def summarize(results: Sequence[SearchResult]) -> dict:
     "Counts and rates over results: turns, searches, documents per question, selections, invalid actions, finishes."
     n = len(results)

@@ -25,13 +25,6 @@ __all__ = ['DEFAULT_PROMPT', 'DEFAULT_FEEDBACK', 'DEFAULT_LAST_TURN', 'NO_DOCUME
 DEFAULT_PROMPT = """You are the search assistant of a question-answering system. You never answer the question yourself: \
 your job is to collect the documents a separate answering model needs to answer it.
 
-Question: {question}
-
-Documents already retrieved for the question:
-<information>
-{documents}
-</information>
-
 Work in turns. In each turn:
 1. You may first reason briefly inside <think> ... </think>.
 2. If a search just returned documents, list the ids of at most {max_selected} of those documents that help answer \
@@ -48,7 +41,14 @@ Example of a turn after a search:
 <think>Doc 2 names the director of the film; I still need the year he was born.</think>
 <important_info>[2]</important_info>
 <search_complete>False</search_complete>
-<query>{"query": "birth year of the film's director"}</query>"""
+<query>{"query": "birth year of the film's director"}</query>
+
+Question: {question}
+
+Documents already retrieved for the question:
+<information>
+{documents}
+</information>"""
 
 DEFAULT_FEEDBACK = ("That turn had no action I could run. Finish with <search_complete>True</search_complete>, or "
                     "search with <query>{\"query\": \"your search terms\"}</query>.")
@@ -226,7 +226,7 @@ def check_action(a: Action, text: str, n_latest: int | None, max_selected: int |
     assert all(isinstance(i, int) and 1 <= i <= (n_latest or 0) for i in a.selected)
     if max_selected is not None: assert len(a.selected) + len(already) <= max(max_selected, len(already))
 
-# %% ../nbs/api/40_searcher.ipynb #0028
+# %% ../nbs/api/40_searcher.ipynb #0029
 @dataclass
 class Generation:
     "What a policy produced for one row in one step: the sampled token ids, their log-probs, and why it stopped."
@@ -271,8 +271,8 @@ def cut_generation(ids: Sequence[int], tok, stop: Sequence[str] = (STOP,), eos_i
     lp = None if logprobs is None else [float(x) for x in list(logprobs)[:end]]
     return Generation(ids[:end], lp, finish)
 
-# %% ../nbs/api/40_searcher.ipynb #0032
-MIN_STEP_TOKENS = 16  # a step with less room than this ends the trajectory ('context_full')
+# %% ../nbs/api/40_searcher.ipynb #0033
+MIN_STEP_TOKENS = 16  # less room than this (or than max_step_tokens, if smaller) ends the trajectory ('context_full')
 OBS_RESERVE = 64  # room an observation leaves for the next step: min(max_step_tokens, OBS_RESERVE)
 OBS_OPEN, OBS_CLOSE = '\n\n<information>\n', '\n</information>\n\n'
 
@@ -311,7 +311,7 @@ class Turn:
 
     def to_dict(self) -> dict: return asdict(self)
 
-# %% ../nbs/api/40_searcher.ipynb #0033
+# %% ../nbs/api/40_searcher.ipynb #0034
 class Trajectory:
     "One question's searcher rollout as token ids, with structural blocks, selections, budgets and masks."
     def __init__(self, question: str, tokenizer, cfg: SearcherConfig | None = None, d0: Sequence[Mapping] | None = None,
@@ -387,9 +387,8 @@ class Trajectory:
     def step_budget(self) -> int:
         "Tokens the next step may generate (0 when done; ends the trajectory when the context is full)."
         if self.done: return 0
-        b = min(self.cfg.max_step_tokens, self.room)
-        if b < MIN_STEP_TOKENS: self.finish('context_full'); return 0
-        return b
+        if self.room < min(MIN_STEP_TOKENS, self.cfg.max_step_tokens): self.finish('context_full'); return 0
+        return min(self.cfg.max_step_tokens, self.room)
 
     def _note_ids(self) -> list[int]:
         "The last-turn note, when the next step will be the final one."
@@ -481,7 +480,7 @@ class Trajectory:
         return (f"Trajectory({self.question[:40]!r}, turns={len(self.turns)}, searches={len(self.blocks)}, "
                 f"tokens={len(self.prompt_ids)}+{len(self.response_ids)}, done={self.done}, finish={self.finish_reason})")
 
-# %% ../nbs/api/40_searcher.ipynb #0035
+# %% ../nbs/api/40_searcher.ipynb #0036
 @dataclass
 class SearchResult:
     "One question's searcher output: gathered context D_s3, trajectory, turns, counts and token arrays."
@@ -531,7 +530,7 @@ class SearchResult:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-# %% ../nbs/api/40_searcher.ipynb #0036
+# %% ../nbs/api/40_searcher.ipynb #0037
 def check_masks(r: SearchResult, generated: Sequence[Sequence[int]] | None = None, tok=None):
     """Assert the mask invariants of a result: aligned arrays; segments tile the response; mask 1 exactly on `gen`
     segments (equal to `generated`, the ids the policy returned, when given); observations keep both tags."""

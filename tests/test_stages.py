@@ -82,3 +82,50 @@ def test_rag_cache_resumes_after_kill(outputs):
     assert all(set(r) >= {'answer', 'genacc', 'em', 'doc_ids', 'acc'} and len(r['doc_ids']) == 3 for r in rows)
     r = s3(outputs, *args)  # a third run computes nothing
     assert r.returncode == 0 and json.loads((latest(outputs, '03_rag_cache')/'manifest.json').read_text())['metrics']['computed'] == 0
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_search_stage_against_retrieval_server(outputs):
+    "Stage 5 through a real `s3 serve-retriever` process: every question gets a record and a context, none missing."
+    import httpx
+    idx = json.loads((latest(outputs, '02_build_index')/'manifest.json').read_text())['metrics']['indexes']
+    port = _free_port()
+    srv = subprocess.Popen([S3, 'serve-retriever', '--index', f"dense={idx['dense']}", '--port', str(port)], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert srv.poll() is None, srv.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(f'http://127.0.0.1:{port}/health', timeout=5).status_code == 200: break
+            except httpx.TransportError: pass
+            assert time.time() < deadline, 'the retrieval server did not start'
+            time.sleep(0.3)
+        n = 5
+        r = s3(outputs, 'run', '05_search', '-p', 'searcher="tiny-llama"', '-p', f'max_questions={n}', '-p', 'batch_size=3',
+               '-p', f'retrieval_url="http://127.0.0.1:{port}"', '--set', 'searcher.max_step_tokens=24', '--quiet')
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        os.killpg(srv.pid, signal.SIGTERM); srv.wait(30)
+    run_dir = latest(outputs, '05_search')
+    man = json.loads((run_dir/'manifest.json').read_text())
+    m = man['metrics']
+    assert man['status'] == 'ok' and m['questions'] == n and m['empty_context'] == 0
+    assert man['config']['searcher']['model'] == 'tiny-llama' and man['config']['retrieval']['url'] == f'http://127.0.0.1:{port}'
+    test_qs = [json.loads(l) for l in open(Path(latest(outputs, '01_prepare_data'))/'artifacts'/'data'/'test.jsonl')][:n]
+    ctx = [json.loads(l) for l in open(run_dir/'artifacts'/'contexts.jsonl')]
+    assert [c['id'] for c in ctx] == [q['id'] for q in test_qs], 'one context per question, in order'
+    res = [json.loads(l) for l in open(run_dir/'artifacts'/'results.jsonl')]
+    for c, rr in zip(ctx, res):
+        assert len(c['context_docs']) >= 3 and c['context'].startswith('Doc 1 (Title: ')  # D0 at least
+        assert rr['n_turns'] >= 1 and rr['finish_reason'] in ('complete', 'max_turns', 'context_full')
+        assert rr['generated_tokens'] > 0 and len(rr['turns']) == rr['n_turns']
+    summary = json.loads((run_dir/'artifacts'/'summary.json').read_text())
+    assert summary['questions'] == n and sum(summary['turns_hist'].values()) == n
+    assert (run_dir/'artifacts'/'summary.png').stat().st_size > 1000
