@@ -21,11 +21,12 @@ from .corpus import corpus_hash, read_corpus, write_corpus
 from .models import default_device, resolve_model
 
 # %% auto #0
-__all__ = ['BGE_QUERY_INSTRUCTION', 'INDEX_TYPES', 'MANIFEST', 'BM25_BACKENDS', 'EncoderSpec', 'encoder_spec', 'Encoder',
-           'DocStore', 'ContentsView', 'encode_to_npy', 'embeddings_done', 'faiss_gpus', 'faiss_index_params',
-           'set_search_params', 'to_gpu', 'to_cpu', 'build_faiss_index', 'index_bytes', 'compare_index_types',
-           'IndexMismatchError', 'read_manifest', 'same_encoder', 'check_manifest', 'build_dense_index',
-           'DenseRetriever', 'setup_java', 'build_bm25_index', 'BM25sRetriever', 'LuceneRetriever', 'load_retriever']
+__all__ = ['BGE_QUERY_INSTRUCTION', 'INDEX_TYPES', 'MANIFEST', 'BM25_BACKENDS', 'EncoderSpec', 'encoder_spec', 'cpu_bf16_native',
+           'Encoder', 'DocStore', 'ContentsView', 'encode_to_npy', 'embeddings_done', 'faiss_gpus',
+           'faiss_index_params', 'set_search_params', 'to_gpu', 'to_cpu', 'build_faiss_index', 'index_bytes',
+           'compare_index_types', 'IndexMismatchError', 'read_manifest', 'same_encoder', 'check_manifest',
+           'build_dense_index', 'DenseRetriever', 'setup_java', 'build_bm25_index', 'BM25sRetriever', 'LuceneRetriever',
+           'load_retriever']
 
 # %% ../nbs/api/10_index.ipynb #0008
 BGE_QUERY_INSTRUCTION = 'Represent this sentence for searching relevant passages: '
@@ -79,15 +80,40 @@ class _Pooled(torch.nn.Module):
             emb = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(emb, dim=-1) if self.normalize else emb
 
+def cpu_bf16_native() -> bool:
+    "Whether this CPU computes bf16 matrix products natively (AMX-BF16 or AVX512-BF16) and torch can use them (oneDNN)."
+    try: info = Path('/proc/cpuinfo').read_text()
+    except OSError: return False
+    m = re.search(r'^flags\s*:(.*)$', info, re.M)
+    return bool(m and {'amx_bf16', 'avx512_bf16'} & set(m.group(1).split())) and torch.backends.mkldnn.is_available()
+
+def _length_buckets(lengths: Sequence[int], max_rows: int, slack: float = 0.25, min_rows: int = 16) -> list[np.ndarray]:
+    """Group rows by token length (longest first) so each padded batch wastes at most about `slack` of its tokens:
+    a batch closes when it holds `max_rows` rows, or when the next row is shorter than `(1 - slack)` of the batch's
+    longest and the batch already has `min_rows` rows."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind='stable')
+    out, start = [], 0
+    for i in range(1, len(order) + 1):
+        n = i - start
+        if i == len(order) or n >= max_rows or (n >= min_rows and lengths[order[i]] < (1 - slack) * lengths[order[start]]):
+            out.append(order[start:i]); start = i
+    return out
+
 class Encoder:
-    "A dense text encoder: `encode(texts, kind='query'|'passage')` -> float32 array (n, dim)."
+    """A dense text encoder: `encode(texts, kind='query'|'passage')` -> float32 array (n, dim). `bf16` (False, True or
+    'auto' = when the CPU has native bf16 units) runs the model under bf16 autocast on CPU; `length_buckets` tokenises
+    a call's texts once and batches them by token length, so short texts are not padded to the longest."""
     def __init__(self, name: str = 'all-minilm-l6-v2', device: str | None = None, fp16: bool | None = None,
-                 batch_size: int = 64, max_length: int = 256, multi_gpu: bool = True, **spec_overrides):
+                 batch_size: int = 64, max_length: int = 256, multi_gpu: bool = True, bf16: bool | str = False,
+                 length_buckets: bool = False, **spec_overrides):
         from transformers import AutoModel, AutoTokenizer
         self.spec = encoder_spec(name, max_length=max_length, **spec_overrides)
         self.device = device or default_device()
         self.fp16 = str(self.device).startswith('cuda') if fp16 is None else fp16
-        self.batch_size = batch_size
+        on_cpu = str(self.device).startswith('cpu')
+        if bf16 not in (True, False, 'auto'): raise ValueError(f"bf16 must be True, False or 'auto', got {bf16!r}")
+        self.bf16 = bool(on_cpu and not self.fp16 and (cpu_bf16_native() if bf16 == 'auto' else bf16))
+        self.batch_size, self.length_buckets = batch_size, length_buckets
         path = resolve_model(name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=torch.float16 if self.fp16 else torch.float32)
@@ -97,7 +123,25 @@ class Encoder:
         self.dim = int(model.config.hidden_size)
 
     def __repr__(self):
-        return f"Encoder({self.spec.name!r}, dim={self.dim}, device={self.device!r}, fp16={self.fp16}, devices={self.n_devices})"
+        return (f"Encoder({self.spec.name!r}, dim={self.dim}, device={self.device!r}, fp16={self.fp16}, bf16={self.bf16}, "
+                f"devices={self.n_devices})")
+
+    def _run(self, enc: dict) -> np.ndarray:
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')}
+        with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.bf16):
+            return self._forward(**enc).float().cpu().numpy()
+
+    def _pad(self, rows: list[dict]) -> dict:
+        "Pad tokenised rows (lists of ids) to the longest into tensors."
+        n, L = len(rows), max(len(r['input_ids']) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        out = {'input_ids': torch.full((n, L), pad, dtype=torch.long), 'attention_mask': torch.zeros((n, L), dtype=torch.long)}
+        if 'token_type_ids' in rows[0]: out['token_type_ids'] = torch.zeros((n, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            m = len(r['input_ids'])
+            out['input_ids'][i, :m] = torch.tensor(r['input_ids']); out['attention_mask'][i, :m] = 1
+            if 'token_type_ids' in out: out['token_type_ids'][i, :m] = torch.tensor(r['token_type_ids'])
+        return out
 
     def encode(self, texts: Sequence[str], kind: str = 'passage', batch_size: int | None = None,
                show_progress: bool = False) -> np.ndarray:
@@ -107,13 +151,19 @@ class Encoder:
         texts = [prefix + ('' if t is None else str(t)) for t in texts]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         bs = batch_size or self.batch_size
+        if self.length_buckets and texts:
+            tok = self.tokenizer(texts, max_length=self.spec.max_length, truncation=True, padding=False)
+            keys = [k for k in ('input_ids', 'token_type_ids') if k in tok]
+            rows = [{k: tok[k][i] for k in keys} for i in range(len(texts))]
+            for idx in tqdm(_length_buckets([len(r['input_ids']) for r in rows], bs), desc=f"encode {kind}s",
+                            disable=not show_progress, unit='batch'):
+                out[idx] = self._run(self._pad([rows[j] for j in idx]))
+            return out
         order = np.argsort([-len(t) for t in texts], kind='stable')
         for s in tqdm(range(0, len(texts), bs), desc=f"encode {kind}s", disable=not show_progress, unit='batch'):
             idx = order[s:s+bs]
-            enc = self.tokenizer([texts[j] for j in idx], max_length=self.spec.max_length, truncation=True,
-                                 padding=True, return_tensors='pt')
-            enc = {k: v.to(self.device) for k, v in enc.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')}
-            with torch.inference_mode(): out[idx] = self._forward(**enc).cpu().numpy()
+            out[idx] = self._run(self.tokenizer([texts[j] for j in idx], max_length=self.spec.max_length, truncation=True,
+                                                padding=True, return_tensors='pt'))
         return out
 
     def encode_queries(self, queries: Sequence[str], **kw) -> np.ndarray: return self.encode(queries, 'query', **kw)
@@ -419,11 +469,18 @@ def build_dense_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike
 def _hits(docs: DocStore, scores, rows) -> list[dict]:
     return [{'document': docs[int(r)], 'score': float(s)} for s, r in zip(scores, rows) if r >= 0]
 
+def _rows_to_hits(docs: DocStore, found: Sequence[tuple]) -> list[list[dict]]:
+    "`search_rows` results -> hits (`{'document', 'score'}` lists)."
+    return [[{'document': docs[r], 'score': s} for r, s in zip(rows, scores)] for rows, scores in found]
+
 class DenseRetriever:
-    "Search a dense FAISS index folder: `search(query, topk)`, `batch_search(queries, topk)`."
+    """Search a dense FAISS index folder: `search(query, topk)`, `batch_search(queries, topk)`, and `search_rows` (row
+    numbers and scores, for servers that render documents themselves). `bf16` and `length_buckets` go to the query
+    `Encoder` (off by default: fp32, as the original; the server turns them on)."""
     kind = 'dense'
     def __init__(self, index_dir: str | os.PathLike, encoder: str | None = None, corpus: str | os.PathLike | None = None,
-                 device: str | None = None, use_gpu: bool | None = None, batch_size: int = 64, **search_params):
+                 device: str | None = None, use_gpu: bool | None = None, batch_size: int = 64, bf16: bool | str = False,
+                 length_buckets: bool = False, **search_params):
         self.index_dir = Path(index_dir)
         self.manifest = m = read_manifest(index_dir)
         if m.get('kind') != 'dense': raise IndexMismatchError(f"{index_dir} is a {m.get('kind')} index, not a dense one")
@@ -436,20 +493,30 @@ class DenseRetriever:
         self.index = to_gpu(index, use_gpu) if _gpu_capable(m['params'].get('factory', '')) else index
         set_search_params(self.index, self.params)
         spec = {k: v for k, v in m['encoder_spec'].items() if k != 'name'}
-        self.encoder = Encoder(m['encoder'], device=device, batch_size=batch_size, **spec)
+        self.encoder = Encoder(m['encoder'], device=device, batch_size=batch_size, bf16=bf16, length_buckets=length_buckets, **spec)
 
     def __len__(self): return self.manifest['count']
     def __repr__(self): return f"DenseRetriever({str(self.index_dir)!r}, {self.manifest['index_type']}, {len(self):,} passages, {self.encoder.spec.name})"
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray: return self.encoder.encode_queries(queries)
-    def search_vectors(self, vectors: np.ndarray, topk: int = 3) -> list[list[dict]]:
-        "Hits for precomputed query embeddings (rows of `vectors`)."
+    def search_vectors_rows(self, vectors: np.ndarray, topk: int = 3) -> list[tuple[list[int], list[float]]]:
+        "(row numbers, scores) of the top-`topk` passages for precomputed query embeddings (rows of `vectors`)."
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.encoder.dim)
         if len(vectors) == 0: return []
         D, I = self.index.search(vectors, max(1, min(int(topk), len(self))))
-        return [_hits(self.docs, d, i) for d, i in zip(D, I)]
+        out = []
+        for d, i in zip(D.tolist(), I.tolist()):
+            if i and i[-1] < 0: d, i = [s for s, r in zip(d, i) if r >= 0], [r for r in i if r >= 0]
+            out.append((i, d))
+        return out
+    def search_vectors(self, vectors: np.ndarray, topk: int = 3) -> list[list[dict]]:
+        "Hits for precomputed query embeddings (rows of `vectors`)."
+        return _rows_to_hits(self.docs, self.search_vectors_rows(vectors, topk))
+    def search_rows(self, queries: Sequence[str], topk: int = 3) -> list[tuple[list[int], list[float]]]:
+        "(row numbers, scores) of the top-`topk` passages for each query; `self.docs[row]` is the document."
+        return self.search_vectors_rows(self.encode_queries(list(queries)), topk)
     def batch_search(self, queries: Sequence[str], topk: int = 3) -> list[list[dict]]:
         "Top-`topk` documents for each query."
-        return self.search_vectors(self.encode_queries(list(queries)), topk)
+        return _rows_to_hits(self.docs, self.search_rows(queries, topk))
     def search(self, query: str, topk: int = 3) -> list[dict]:
         "Top-`topk` documents for one query."
         return self.batch_search([query], topk)[0]
@@ -538,8 +605,38 @@ def build_bm25_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike,
     return out
 
 # %% ../nbs/api/10_index.ipynb #0041
+def _bm25s_batch_topk(model, query_ids: Sequence[Sequence[int]], k: int, max_cells: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """bm25s's scores and top-`k` for many queries at once (one vectorised pass per chunk of queries instead of a Python
+    loop): the same float32 sums in the same order (`np.add.at`, query token by token) and the same tie order as
+    bm25s's one-query path (`argpartition`, then `argsort`, flipped). Returns (scores, rows), each (n, k)."""
+    sc = model.scores
+    data, indices, indptr, N = sc['data'], sc['indices'], np.asarray(sc['indptr']), int(sc['num_docs'])
+    dtype, nonocc = np.dtype(model.dtype), model.nonoccurrence_array
+    per = max(1, max_cells // max(1, N))
+    S_out, R_out = [], []
+    for c in range(0, len(query_ids), per):
+        chunk = query_ids[c:c + per]
+        n = len(chunk)
+        tok = np.fromiter((t for q in chunk for t in q), dtype=np.int64)
+        qix = np.repeat(np.arange(n, dtype=np.int64), [len(q) for q in chunk])
+        starts, ends = indptr[tok].astype(np.int64), indptr[tok + 1].astype(np.int64)
+        lens = ends - starts
+        pos = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
+        scores = np.zeros(n * N, dtype=dtype)
+        np.add.at(scores, np.repeat(qix, lens) * N + np.asarray(indices[pos], dtype=np.int64), data[pos])
+        scores = scores.reshape(n, N)
+        if nonocc is not None:
+            for i, q in enumerate(chunk): scores[i] += nonocc[np.asarray(q, dtype=np.int64)].sum()
+        part = np.argpartition(scores, -k, axis=1)[:, -k:]
+        ps = np.take_along_axis(scores, part, 1)
+        o = np.flip(np.argsort(ps, axis=1), axis=1)
+        S_out.append(np.take_along_axis(ps, o, 1)); R_out.append(np.take_along_axis(part, o, 1))
+    if not S_out: return np.zeros((0, k), dtype=dtype), np.zeros((0, k), dtype=np.int64)
+    return np.concatenate(S_out), np.concatenate(R_out)
+
 class BM25sRetriever:
-    "Search a bm25s index folder: `search(query, topk)`, `batch_search(queries, topk)`."
+    """Search a bm25s index folder: `search(query, topk)` (bm25s's own one-query retrieval), `batch_search(queries,
+    topk)` and `search_rows` (all queries tokenised in one call and scored in one vectorised pass; the same results)."""
     kind = 'bm25'
     def __init__(self, index_dir: str | os.PathLike, corpus: str | os.PathLike | None = None, threads: int = 0, **_):
         import bm25s
@@ -552,17 +649,26 @@ class BM25sRetriever:
         self.threads = threads
     def __len__(self): return self.manifest['count']
     def __repr__(self): return f"BM25sRetriever({str(self.index_dir)!r}, {len(self):,} passages)"
-    def batch_search(self, queries: Sequence[str], topk: int = 3) -> list[list[dict]]:
-        "Top-`topk` documents for each query (only documents sharing a term with the query, like Lucene)."
+    def search_rows(self, queries: Sequence[str], topk: int = 3) -> list[tuple[list[int], list[float]]]:
+        "(row numbers, scores) of the top-`topk` passages sharing a term with each query (like Lucene), best first."
         queries = list(queries)
         if not queries: return []
-        toks = _bm25s_tokenize(queries, self.manifest['params'].get('stemmer'))
-        k = max(1, min(int(topk), len(self)))
-        rows, scores = self.model.retrieve(toks, k=k, show_progress=False, n_threads=self.threads)
-        return [[h for h in _hits(self.docs, s, r) if h['score'] > 0] for s, r in zip(scores, rows)]
+        vocab = self.model.vocab_dict
+        ids = [[vocab[t] for t in q if t in vocab] for q in _bm25s_tokenize(queries, self.manifest['params'].get('stemmer'))]
+        S, R = _bm25s_batch_topk(self.model, ids, max(1, min(int(topk), len(self))))
+        out = []
+        for s, r in zip(S.tolist(), R.tolist()):
+            keep = [j for j, x in enumerate(s) if x > 0]
+            out.append(([r[j] for j in keep], [s[j] for j in keep]) if len(keep) < len(s) else (r, s))
+        return out
+    def batch_search(self, queries: Sequence[str], topk: int = 3) -> list[list[dict]]:
+        "Top-`topk` documents for each query (only documents sharing a term with the query, like Lucene)."
+        return _rows_to_hits(self.docs, self.search_rows(queries, topk))
     def search(self, query: str, topk: int = 3) -> list[dict]:
-        "Top-`topk` documents for one query."
-        return self.batch_search([query], topk)[0]
+        "Top-`topk` documents for one query, by bm25s's own retrieval (what the baseline server calls query by query)."
+        toks = _bm25s_tokenize([query], self.manifest['params'].get('stemmer'))
+        rows, scores = self.model.retrieve(toks, k=max(1, min(int(topk), len(self))), show_progress=False, n_threads=self.threads)
+        return [h for h in _hits(self.docs, scores[0], rows[0]) if h['score'] > 0]
 
 class LuceneRetriever:
     "Search a pyserini/Lucene BM25 index folder: `search(query, topk)`, `batch_search(queries, topk)`."

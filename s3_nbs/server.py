@@ -20,8 +20,8 @@ from .config import get_logger
 
 # %% auto #0
 __all__ = ['EXAMPLE_BODY', 'RequestError', 'RetrieveRequest', 'parse_retrieve_request', 'LRUCache', 'format_result',
-           'render_json', 'render_result', 'retriever_kind', 'QueueFullError', 'MicroBatcher', 'retriever_info',
-           'create_app', 'baseline_app', 'ServerThread', 'load_retrievers', 'serve']
+           'render_json', 'DocJSON', 'render_rows', 'render_result', 'retriever_kind', 'QueueFullError', 'MicroBatcher',
+           'retriever_info', 'create_app', 'baseline_app', 'ServerThread', 'load_retrievers', 'serve']
 
 # %% ../nbs/api/11_server.ipynb #0008
 class RequestError(Exception):
@@ -151,6 +151,32 @@ def _score_bytes(x) -> bytes:
     if not math.isfinite(x): raise ValueError(f"Out of range float values are not JSON compliant: {x!r}")
     return float.__repr__(x).encode()
 
+class DocJSON:
+    "The `render_json` bytes of a document store's rows, rendered once: all rows kept when they fit in `maxsize`, else an LRU."
+    def __init__(self, docs: Sequence[Mapping], maxsize: int = 20_000):
+        self.docs, n = docs, len(docs)
+        self._all = [None] * n if 0 < n <= maxsize else None
+        self._lru = LRUCache(maxsize) if self._all is None else None
+    def __call__(self, row: int) -> bytes:
+        if self._all is not None:
+            b = self._all[row]
+            if b is None: b = self._all[row] = render_json(self.docs[row])
+            return b
+        b = self._lru.get(row)
+        if b is None:
+            b = render_json(self.docs[row]); self._lru.put(row, b)
+        return b
+
+def render_rows(found: Sequence[tuple], return_scores: bool, doc_json: DocJSON) -> bytes:
+    "The bytes of `{\"result\": [...]}` from each query's (row numbers, scores), documents from `doc_json`."
+    out = []
+    for rows, scores in found:
+        if return_scores:
+            items = [b'{"document":' + doc_json(r) + b',"score":' + _score_bytes(s) + b'}' for r, s in zip(rows, scores)]
+        else: items = [doc_json(r) for r in rows]
+        out.append(b'[' + b','.join(items) + b']')
+    return b'{"result":[' + b','.join(out) + b']}'
+
 def render_result(rows: Sequence[Sequence[Mapping]], return_scores: bool, doc_cache: LRUCache | None = None) -> bytes:
     "The bytes of `{\"result\": [...]}` for each query's hits: `render_json`'s output, with cached document JSON."
     out = []
@@ -180,9 +206,11 @@ class QueueFullError(RuntimeError):
 class MicroBatcher:
     "Coalesce concurrent `search` calls into few `batch_search` calls on one worker thread."
     def __init__(self, retriever, name: str = 'default', wait_ms: float = 2.0, max_batch: int = 2048,
-                 queue_size: int = 256, cache: LRUCache | None = None):
+                 queue_size: int = 256, cache: LRUCache | None = None, rows: bool = False):
         self.retriever, self.name, self.wait_s, self.max_batch, self.queue_size = retriever, name, wait_ms/1000, max_batch, queue_size
         self.cache = cache
+        # rows=True: answer (row numbers, scores) from the retriever's `search_rows` when it has one (see `render_rows`)
+        self.rows = bool(rows) and callable(getattr(retriever, 'search_rows', None)) and getattr(retriever, 'docs', None) is not None
         self.stats = dict(requests=0, batches=0, queries_searched=0, max_batch_queries=0, search_s=0.0)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f's3-retrieve-{name}')
         self._queue: asyncio.Queue | None = None
@@ -230,7 +258,7 @@ class MicroBatcher:
 
     def _search_sync(self, queries: list, topk: int) -> tuple[list, float]:
         t0 = time.perf_counter()
-        res = self.retriever.batch_search(queries, topk)
+        res = (self.retriever.search_rows if self.rows else self.retriever.batch_search)(queries, topk)
         return res, time.perf_counter() - t0
 
     async def _process(self, jobs: list) -> None:
@@ -288,8 +316,9 @@ def create_app(retrievers: Mapping[str, Any] | Any, default: str | None = None, 
     default = default or next(iter(retrievers))
     if default not in retrievers: raise ValueError(f"default retriever {default!r} is not one of {list(retrievers)}")
     cache, doc_cache = LRUCache(cache_size), LRUCache(doc_cache_size)
-    batchers = {n: MicroBatcher(r, n, wait_ms=batch_wait_ms, max_batch=max_batch, queue_size=queue_size, cache=cache)
+    batchers = {n: MicroBatcher(r, n, wait_ms=batch_wait_ms, max_batch=max_batch, queue_size=queue_size, cache=cache, rows=True)
                 for n, r in retrievers.items()}
+    doc_json = {n: DocJSON(r.docs, doc_cache_size) for n, r in retrievers.items() if batchers[n].rows}
     limits = dict(default_topk=default_topk, max_topk=max_topk, max_queries=max_queries,
                   max_query_chars=max_query_chars, max_body_bytes=max_body_bytes)
     started = time.time()
@@ -337,7 +366,9 @@ def create_app(retrievers: Mapping[str, Any] | Any, default: str | None = None, 
                 raise RequestError(500, f"retrieval failed: {type(e).__name__}: {e}", None) from None
             got = dict(zip(missing, found))
             hits = [h if h is not None else got[q] for q, h in zip(req.queries, hits)]
-        return Response(render_result(hits, req.return_scores, doc_cache), media_type='application/json')
+        body = (render_rows(hits, req.return_scores, doc_json[name]) if name in doc_json
+                else render_result(hits, req.return_scores, doc_cache))
+        return Response(body, media_type='application/json')
 
     @app.post('/retrieve')
     async def retrieve(request: Request):
@@ -455,16 +486,17 @@ def load_retrievers(index_dirs: Sequence, **load_kw) -> dict:
 
 def serve(*index_dirs, host: str = '127.0.0.1', port: int = 3000, default: str | None = None,
           token: str | None = None, batch_size: int = 512, device: str | None = None, log_level: str = 'info',
-          **app_kw) -> None:
+          bf16: bool | str = 'auto', length_buckets: bool = True, **app_kw) -> None:
     """Serve index folders (see `load_retrievers`) on `host:port` until interrupted. `token` (default: env
     `S3_RETRIEVER_TOKEN`) requires `Authorization: Bearer <token>`; `batch_size` is the query encoder's batch (the
-    original's 512) and `device` its device; other keywords go to `create_app`."""
+    original's 512), `device` its device, `bf16` / `length_buckets` its CPU speed-ups (`Encoder`: bf16 autocast where
+    the CPU has bf16 units, batches by token length); other keywords go to `create_app`."""
     import uvicorn
     if not index_dirs: raise ValueError("serve needs at least one index folder")
     token = token if token is not None else (os.environ.get('S3_RETRIEVER_TOKEN') or None)
     if not _is_loopback(host) and token is None:
         _log.warning(f"serving on {host} without a token: anyone who can reach port {port} can query the index")
-    retrievers = load_retrievers(index_dirs, batch_size=batch_size, device=device)
+    retrievers = load_retrievers(index_dirs, batch_size=batch_size, device=device, bf16=bf16, length_buckets=length_buckets)
     app = create_app(retrievers, default=default, token=token, **app_kw)
     names = ', '.join(f"{n} ({retriever_info(r)['count']} passages)" for n, r in retrievers.items())
     _log.info(f"serving {names} on http://{host}:{port}/retrieve")
