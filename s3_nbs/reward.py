@@ -41,35 +41,70 @@ class Graded:
     f1: float
     acc: float  # the accuracy the reward uses
 
+async def _aiter_chat(client, batch, **kw):
+    "`(index, answer)` pairs as they complete (clients without `aiter_chat`: all at once, after `achat`)."
+    if hasattr(client, 'aiter_chat'):
+        async for i, text in client.aiter_chat(batch, **kw): yield i, text
+    else:
+        for i, text in enumerate(await client.achat(batch, **kw)): yield i, text
+
 class AnswerGrader:
-    "Answer questions from contexts with the frozen generator and grade them, batched."
+    "Answer questions from contexts with the frozen generator and grade them, batched; the judge is pipelined behind."
     def __init__(self, generator, judge=None, accuracy: str = 'genacc', max_tokens: int = 64):
         if accuracy not in ('genacc', 'span', 'judge', 'em'): raise ValueError(f"unknown accuracy {accuracy!r}")
         self.generator, self.judge, self.accuracy, self.max_tokens = generator, judge or generator, accuracy, max_tokens
-        self.calls = {'answer': 0, 'judge': 0}
+        self.calls = {'answer': 0, 'judge': 0, 'answer_coalesced': 0, 'judge_coalesced': 0}
+        self._judging: dict = {}  # judge requests in flight, by content: concurrent duplicates share one call
+
+    async def _judge_one(self, q, p, g):
+        self.calls['judge'] += 1
+        reply = (await self.judge.achat([judge_messages(q, p, g)], temperature=0.0, max_tokens=8))[0]
+        return parse_judge(reply)
 
     async def _judge_batch(self, triples):
-        self.calls['judge'] += len(triples)
-        replies = await self.judge.achat([judge_messages(q, p, g) for q, p, g in triples], temperature=0.0, max_tokens=8)
-        return [parse_judge(r) for r in replies]
+        "Verdicts for `(question, prediction, golds)` triples; a triple already being judged waits for that call."
+        futs = []
+        for q, p, g in triples:
+            key = (q, p, tuple(g))
+            fut = self._judging.get(key)
+            if fut is None:
+                fut = self._judging[key] = asyncio.ensure_future(self._judge_one(q, p, g))
+                fut.add_done_callback(lambda f, k=key: self._judging.pop(k, None))
+            else: self.calls['judge_coalesced'] += 1
+            futs.append(fut)
+        return list(await asyncio.gather(*[asyncio.shield(f) for f in futs]))
 
     async def agrade(self, questions: Sequence[str], golds: Sequence[Sequence[str]], contexts: Sequence[str]) -> list[Graded]:
-        "Answer `questions[i]` from `contexts[i]`, then grade against `golds[i]`."
+        "Answer `questions[i]` from `contexts[i]`, then grade against `golds[i]` (judge calls start as answers arrive)."
         if not (len(questions) == len(golds) == len(contexts)): raise ValueError('questions, golds and contexts differ in length')
         if not questions: return []
-        self.calls['answer'] += len(questions)
-        answers = await self.generator.achat([answer_messages(q, c) for q, c in zip(questions, contexts)],
-                                             temperature=0.0, max_tokens=self.max_tokens)
-        use_judge = self.accuracy in ('genacc', 'judge')
-        res = await agenacc_batch(answers, golds, self._judge_batch if use_judge else None, questions=list(questions),
-                                  use_span=self.accuracy != 'judge')
+        uniq: dict = {}  # (question, context) -> the rows that ask it
+        for i, (q, c) in enumerate(zip(questions, contexts)): uniq.setdefault((q, c), []).append(i)
+        keys = list(uniq)
+        self.calls['answer'] += len(keys)
+        self.calls['answer_coalesced'] += len(questions) - len(keys)
+        use_judge, use_span = self.accuracy in ('genacc', 'judge'), self.accuracy != 'judge'
+        answers, res = [None] * len(questions), [None] * len(questions)
+        async def grade(i, a):
+            res[i] = (await agenacc_batch([a], [golds[i]], self._judge_batch if use_judge else None,
+                                          questions=[questions[i]], use_span=use_span))[0]
+        pending = []
+        try:
+            async for k, a in _aiter_chat(self.generator, [answer_messages(q, c) for q, c in keys],
+                                          temperature=0.0, max_tokens=self.max_tokens):
+                for i in uniq[keys[k]]:
+                    answers[i] = a
+                    pending.append(asyncio.ensure_future(grade(i, a)))
+            await asyncio.gather(*pending)
+        finally:
+            for t in pending: t.cancel()
         out = []
         for a, r in zip(answers, res):
             acc = {'genacc': r['genacc'], 'judge': bool(r['judge']), 'span': r['span'], 'em': r['em']}[self.accuracy]
             out.append(Graded(a, r['span'], r['judge'], r['judged'], r['genacc'], r['em'], r['f1'], float(acc)))
         return out
 
-# %% ../nbs/api/30_reward.ipynb #0014
+# %% ../nbs/api/30_reward.ipynb #0015
 def _docs_of(hits) -> list[dict]:
     return [h['document'] if isinstance(h, dict) and 'document' in h else h for h in hits]
 
@@ -106,7 +141,7 @@ class RagBaseline:
         if todo: await self.acompute(*map(list, zip(*todo)))
         return [self.store[i] for i in ids]
 
-# %% ../nbs/api/30_reward.ipynb #0016
+# %% ../nbs/api/30_reward.ipynb #0017
 @dataclass
 class RewardItem:
     "What the reward needs from one rollout: the question and the gathered context as documents (never re-parsed text)."
