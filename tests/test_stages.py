@@ -108,8 +108,12 @@ def test_search_stage_against_retrieval_server(outputs):
             assert time.time() < deadline, 'the retrieval server did not start'
             time.sleep(0.3)
         n = 5
-        r = s3(outputs, 'run', '05_search', '-p', 'searcher="tiny-llama"', '-p', f'max_questions={n}', '-p', 'batch_size=3',
-               '-p', f'retrieval_url="http://127.0.0.1:{port}"', '--set', 'searcher.max_step_tokens=24', '--quiet')
+        args = ['run', '05_search', '-p', 'searcher="tiny-llama"', '-p', f'max_questions={n}', '-p', 'batch_size=3',
+                '-p', f'retrieval_url="http://127.0.0.1:{port}"', '--set', 'searcher.max_step_tokens=24', '--quiet']
+        r = s3(outputs, *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        first = latest(outputs, '05_search')
+        r = s3(outputs, *args)  # same content key: everything comes from the search log, nothing is searched again
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
         os.killpg(srv.pid, signal.SIGTERM); srv.wait(30)
@@ -117,6 +121,10 @@ def test_search_stage_against_retrieval_server(outputs):
     man = json.loads((run_dir/'manifest.json').read_text())
     m = man['metrics']
     assert man['status'] == 'ok' and m['questions'] == n and m['empty_context'] == 0
+    assert (m['computed'], m['cached_before']) == (0, n) and run_dir != first
+    m1 = json.loads((first/'manifest.json').read_text())['metrics']
+    assert (m1['computed'], m1['cached_before']) == (n, 0) and m1['search_log'] == m['search_log']
+    assert (first/'artifacts'/'contexts.jsonl').read_text() == (run_dir/'artifacts'/'contexts.jsonl').read_text()
     assert man['config']['searcher']['model'] == 'tiny-llama' and man['config']['retrieval']['url'] == f'http://127.0.0.1:{port}'
     test_qs = [json.loads(l) for l in open(Path(latest(outputs, '01_prepare_data'))/'artifacts'/'data'/'test.jsonl')][:n]
     ctx = [json.loads(l) for l in open(run_dir/'artifacts'/'contexts.jsonl')]
