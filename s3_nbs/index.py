@@ -605,10 +605,36 @@ def build_bm25_index(corpus_path: str | os.PathLike, out_dir: str | os.PathLike,
     return out
 
 # %% ../nbs/api/10_index.ipynb #0041
+def _bm25s_argtopk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    "bm25s's own top-`k` selection on each row of `scores` (`argpartition`, then `argsort`, flipped): (scores, rows)."
+    part = np.argpartition(scores, -k, axis=1)[:, -k:]
+    ps = np.take_along_axis(scores, part, 1)
+    o = np.flip(np.argsort(ps, axis=1), axis=1)
+    return np.take_along_axis(ps, o, 1), np.take_along_axis(part, o, 1)
+
+def _topk_like_bm25s(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_bm25s_argtopk`'s answer, faster. `argpartition` is slow on rows that are mostly zeros (most documents share no
+    term with a query), while a sort of the values is fast. Where a row's `k` best values are distinct and above the
+    next one, its top `k` is the same set and order whichever way it is found: those rows take the `k` entries at or
+    above their `k`-th value, ordered by score. Rows with a tie in or at the edge of their top `k` (where the answer
+    depends on `argpartition`'s tie order) go through `_bm25s_argtopk` itself."""
+    n, N = scores.shape
+    if n == 0 or k >= N: return _bm25s_argtopk(scores, k)
+    top = np.sort(scores, axis=1)[:, N - k - 1:]  # ascending: the (k+1)-th largest, then the k largest
+    clear = np.all(top[:, 1:] > top[:, :-1], axis=1)
+    S, R = np.empty((n, k), dtype=scores.dtype), np.empty((n, k), dtype=np.int64)
+    if clear.any():
+        flat = np.flatnonzero((scores >= top[:, 1:2]) & clear[:, None])  # exactly k per clear row, by column
+        cols, vals = (flat % N).reshape(-1, k), scores.ravel()[flat].reshape(-1, k)
+        o = np.flip(np.argsort(vals, axis=1), axis=1)  # distinct values: one order
+        S[clear], R[clear] = np.take_along_axis(vals, o, 1), np.take_along_axis(cols, o, 1)
+    if not clear.all(): S[~clear], R[~clear] = _bm25s_argtopk(scores[~clear], k)
+    return S, R
+
 def _bm25s_batch_topk(model, query_ids: Sequence[Sequence[int]], k: int, max_cells: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
     """bm25s's scores and top-`k` for many queries at once (one vectorised pass per chunk of queries instead of a Python
-    loop): the same float32 sums in the same order (`np.add.at`, query token by token) and the same tie order as
-    bm25s's one-query path (`argpartition`, then `argsort`, flipped). Returns (scores, rows), each (n, k)."""
+    loop): the same float32 sums in the same order (`np.add.at`, query token by token) and the same answer, ties in
+    the same order, as bm25s's one-query path (`_topk_like_bm25s`). Returns (scores, rows), each (n, k)."""
     sc = model.scores
     data, indices, indptr, N = sc['data'], sc['indices'], np.asarray(sc['indptr']), int(sc['num_docs'])
     dtype, nonocc = np.dtype(model.dtype), model.nonoccurrence_array
@@ -627,10 +653,8 @@ def _bm25s_batch_topk(model, query_ids: Sequence[Sequence[int]], k: int, max_cel
         scores = scores.reshape(n, N)
         if nonocc is not None:
             for i, q in enumerate(chunk): scores[i] += nonocc[np.asarray(q, dtype=np.int64)].sum()
-        part = np.argpartition(scores, -k, axis=1)[:, -k:]
-        ps = np.take_along_axis(scores, part, 1)
-        o = np.flip(np.argsort(ps, axis=1), axis=1)
-        S_out.append(np.take_along_axis(ps, o, 1)); R_out.append(np.take_along_axis(part, o, 1))
+        S, R = _topk_like_bm25s(scores, k)
+        S_out.append(S); R_out.append(R)
     if not S_out: return np.zeros((0, k), dtype=dtype), np.zeros((0, k), dtype=np.int64)
     return np.concatenate(S_out), np.concatenate(R_out)
 
@@ -647,15 +671,33 @@ class BM25sRetriever:
         self.docs = DocStore(self.index_dir)
         self.model = bm25s.BM25.load(str(self.index_dir/'bm25s'), mmap=True, show_progress=False)
         self.threads = threads
+        self._word_ids: dict = {}  # lower-case word -> its token id (None: a stop word or not in the vocabulary)
     def __len__(self): return self.manifest['count']
     def __repr__(self): return f"BM25sRetriever({str(self.index_dir)!r}, {len(self):,} passages)"
+    _split = staticmethod(re.compile(r'(?u)\b\w\w+\b').findall)  # bm25s.tokenize's default token pattern
+    def query_ids(self, queries: Sequence[str], max_words: int = 1_000_000) -> list[list[int]]:
+        """The token ids of each query, the same as `_bm25s_tokenize`'s tokens looked up in the vocabulary (lower case,
+        bm25s's token pattern, its English stop words dropped, the index's stemmer), with each word's id cached."""
+        ids, split = self._word_ids, self._split
+        words = [split(q.lower()) for q in queries]
+        new = list({w for ws in words for w in ws if w not in ids})
+        if new:
+            if len(ids) + len(new) > max_words: self._word_ids = ids = {}  # full: start afresh (other threads keep theirs)
+            if not ids:
+                from bm25s.stopwords import STOPWORDS_EN
+                ids.update(dict.fromkeys(STOPWORDS_EN))
+                new = [w for w in new if w not in ids]
+            stemmer = self.manifest['params'].get('stemmer')
+            stem = _stemmer()[1] if stemmer else None
+            if stemmer and stem is None: raise RuntimeError("This bm25s index was built with PyStemmer stemming: pip install PyStemmer")
+            vocab = self.model.vocab_dict
+            ids.update(zip(new, (vocab.get(s) for s in (stem(new) if stem else new))))
+        return [[i for i in (ids[w] for w in ws) if i is not None] for ws in words]
     def search_rows(self, queries: Sequence[str], topk: int = 3) -> list[tuple[list[int], list[float]]]:
         "(row numbers, scores) of the top-`topk` passages sharing a term with each query (like Lucene), best first."
         queries = list(queries)
         if not queries: return []
-        vocab = self.model.vocab_dict
-        ids = [[vocab[t] for t in q if t in vocab] for q in _bm25s_tokenize(queries, self.manifest['params'].get('stemmer'))]
-        S, R = _bm25s_batch_topk(self.model, ids, max(1, min(int(topk), len(self))))
+        S, R = _bm25s_batch_topk(self.model, self.query_ids(queries), max(1, min(int(topk), len(self))))
         out = []
         for s, r in zip(S.tolist(), R.tolist()):
             keep = [j for j, x in enumerate(s) if x > 0]

@@ -152,10 +152,12 @@ def _score_bytes(x) -> bytes:
     return float.__repr__(x).encode()
 
 class DocJSON:
-    "The `render_json` bytes of a document store's rows, rendered once: all rows kept when they fit in `maxsize`, else an LRU."
+    """The `render_json` bytes of a document store's rows, rendered once: all rows kept when they fit in `maxsize`, else
+    an LRU. `hit(row)` is the start of a scored hit, `{"document":<the document>,"score":`."""
     def __init__(self, docs: Sequence[Mapping], maxsize: int = 20_000):
         self.docs, n = docs, len(docs)
         self._all = [None] * n if 0 < n <= maxsize else None
+        self._hit = [None] * n if self._all is not None else None
         self._lru = LRUCache(maxsize) if self._all is None else None
     def __call__(self, row: int) -> bytes:
         if self._all is not None:
@@ -166,16 +168,26 @@ class DocJSON:
         if b is None:
             b = render_json(self.docs[row]); self._lru.put(row, b)
         return b
+    def hit(self, row: int) -> bytes:
+        "`{\"document\":` + the row's document + `,\"score\":`."
+        if self._hit is None: return b'{"document":' + self(row) + b',"score":'
+        b = self._hit[row]
+        if b is None: b = self._hit[row] = b'{"document":' + self(row) + b',"score":'
+        return b
 
 def render_rows(found: Sequence[tuple], return_scores: bool, doc_json: DocJSON) -> bytes:
     "The bytes of `{\"result\": [...]}` from each query's (row numbers, scores), documents from `doc_json`."
-    out = []
-    for rows, scores in found:
+    out, hit = [b'{"result":['], doc_json.hit  # pieces, joined once at the end
+    for i, (rows, scores) in enumerate(found):
+        out.append(b',[' if i else b'[')
         if return_scores:
-            items = [b'{"document":' + doc_json(r) + b',"score":' + _score_bytes(s) + b'}' for r, s in zip(rows, scores)]
-        else: items = [doc_json(r) for r in rows]
-        out.append(b'[' + b','.join(items) + b']')
-    return b'{"result":[' + b','.join(out) + b']}'
+            for j, (r, s) in enumerate(zip(rows, scores)):
+                out += (b',', hit(r), _score_bytes(s), b'}') if j else (hit(r), _score_bytes(s), b'}')
+        else:
+            for j, r in enumerate(rows): out += (b',', doc_json(r)) if j else (doc_json(r),)
+        out.append(b']')
+    out.append(b']}')
+    return b''.join(out)
 
 def render_result(rows: Sequence[Sequence[Mapping]], return_scores: bool, doc_cache: LRUCache | None = None) -> bytes:
     "The bytes of `{\"result\": [...]}` for each query's hits: `render_json`'s output, with cached document JSON."
@@ -206,8 +218,10 @@ class QueueFullError(RuntimeError):
 class MicroBatcher:
     "Coalesce concurrent `search` calls into few `batch_search` calls on one worker thread."
     def __init__(self, retriever, name: str = 'default', wait_ms: float = 2.0, max_batch: int = 2048,
-                 queue_size: int = 256, cache: LRUCache | None = None, rows: bool = False):
+                 queue_size: int = 256, cache: LRUCache | None = None, rows: bool = False, wait_below: int = 64):
         self.retriever, self.name, self.wait_s, self.max_batch, self.queue_size = retriever, name, wait_ms/1000, max_batch, queue_size
+        # a batch of `wait_below` queries or more is searched at once: waiting for company only pays for small ones
+        self.wait_below = min(int(wait_below), max_batch)
         self.cache = cache
         # rows=True: answer (row numbers, scores) from the retriever's `search_rows` when it has one (see `render_rows`)
         self.rows = bool(rows) and callable(getattr(retriever, 'search_rows', None)) and getattr(retriever, 'docs', None) is not None
@@ -248,7 +262,7 @@ class MicroBatcher:
         while True:
             jobs = [await self._queue.get()]
             n = self._drain(jobs, len(jobs[0].queries))
-            if n < self.max_batch and self.wait_s > 0:
+            if n < self.wait_below and self.wait_s > 0:
                 await asyncio.sleep(self.wait_s)
                 n = self._drain(jobs, n)
             try: await self._process(jobs)
@@ -308,7 +322,7 @@ def create_app(retrievers: Mapping[str, Any] | Any, default: str | None = None, 
                max_topk: int = 100, max_queries: int = 512, max_query_chars: int = 2000,
                max_body_bytes: int = 8 << 20, token: str | None = None, batch_wait_ms: float = 2.0,
                max_batch: int = 2048, queue_size: int = 256, cache_size: int = 20_000,
-               doc_cache_size: int = 20_000, request_timeout_s: float = 300.0) -> FastAPI:
+               doc_cache_size: int = 20_000, request_timeout_s: float = 300.0, batch_wait_below: int = 64) -> FastAPI:
     "The retrieval service: `POST /retrieve`, `POST /retrieve/{name}`, `GET /health` over named retrievers."
     if not isinstance(retrievers, Mapping): retrievers = {retriever_kind(retrievers): retrievers}
     retrievers = dict(retrievers)
@@ -316,7 +330,8 @@ def create_app(retrievers: Mapping[str, Any] | Any, default: str | None = None, 
     default = default or next(iter(retrievers))
     if default not in retrievers: raise ValueError(f"default retriever {default!r} is not one of {list(retrievers)}")
     cache, doc_cache = LRUCache(cache_size), LRUCache(doc_cache_size)
-    batchers = {n: MicroBatcher(r, n, wait_ms=batch_wait_ms, max_batch=max_batch, queue_size=queue_size, cache=cache, rows=True)
+    batchers = {n: MicroBatcher(r, n, wait_ms=batch_wait_ms, max_batch=max_batch, queue_size=queue_size, cache=cache, rows=True,
+                            wait_below=batch_wait_below)
                 for n, r in retrievers.items()}
     doc_json = {n: DocJSON(r.docs, doc_cache_size) for n, r in retrievers.items() if batchers[n].rows}
     limits = dict(default_topk=default_topk, max_topk=max_topk, max_queries=max_queries,
