@@ -18,15 +18,14 @@ from tqdm import tqdm
 from . import __version__
 from .config import get_logger
 from .corpus import corpus_hash, read_corpus, write_corpus
-from .models import default_device, resolve_model
+from .models import cpu_has_fast_bf16, default_device, resolve_model
 
 # %% auto #0
-__all__ = ['BGE_QUERY_INSTRUCTION', 'INDEX_TYPES', 'MANIFEST', 'BM25_BACKENDS', 'EncoderSpec', 'encoder_spec', 'cpu_bf16_native',
-           'Encoder', 'DocStore', 'ContentsView', 'encode_to_npy', 'embeddings_done', 'faiss_gpus',
-           'faiss_index_params', 'set_search_params', 'to_gpu', 'to_cpu', 'build_faiss_index', 'index_bytes',
-           'compare_index_types', 'IndexMismatchError', 'read_manifest', 'same_encoder', 'check_manifest',
-           'build_dense_index', 'DenseRetriever', 'setup_java', 'build_bm25_index', 'BM25sRetriever', 'LuceneRetriever',
-           'load_retriever']
+__all__ = ['BGE_QUERY_INSTRUCTION', 'INDEX_TYPES', 'MANIFEST', 'BM25_BACKENDS', 'EncoderSpec', 'encoder_spec', 'Encoder',
+           'DocStore', 'ContentsView', 'encode_to_npy', 'embeddings_done', 'faiss_gpus', 'faiss_index_params',
+           'set_search_params', 'to_gpu', 'to_cpu', 'build_faiss_index', 'index_bytes', 'compare_index_types',
+           'IndexMismatchError', 'read_manifest', 'same_encoder', 'check_manifest', 'build_dense_index',
+           'DenseRetriever', 'setup_java', 'build_bm25_index', 'BM25sRetriever', 'LuceneRetriever', 'load_retriever']
 
 # %% ../nbs/api/10_index.ipynb #0008
 BGE_QUERY_INSTRUCTION = 'Represent this sentence for searching relevant passages: '
@@ -80,13 +79,6 @@ class _Pooled(torch.nn.Module):
             emb = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(emb, dim=-1) if self.normalize else emb
 
-def cpu_bf16_native() -> bool:
-    "Whether this CPU computes bf16 matrix products natively (AMX-BF16 or AVX512-BF16) and torch can use them (oneDNN)."
-    try: info = Path('/proc/cpuinfo').read_text()
-    except OSError: return False
-    m = re.search(r'^flags\s*:(.*)$', info, re.M)
-    return bool(m and {'amx_bf16', 'avx512_bf16'} & set(m.group(1).split())) and torch.backends.mkldnn.is_available()
-
 def _length_buckets(lengths: Sequence[int], max_rows: int, slack: float = 0.25, min_rows: int = 16) -> list[np.ndarray]:
     """Group rows by token length (longest first) so each padded batch wastes at most about `slack` of its tokens:
     a batch closes when it holds `max_rows` rows, or when the next row is shorter than `(1 - slack)` of the batch's
@@ -112,7 +104,7 @@ class Encoder:
         self.fp16 = str(self.device).startswith('cuda') if fp16 is None else fp16
         on_cpu = str(self.device).startswith('cpu')
         if bf16 not in (True, False, 'auto'): raise ValueError(f"bf16 must be True, False or 'auto', got {bf16!r}")
-        self.bf16 = bool(on_cpu and not self.fp16 and (cpu_bf16_native() if bf16 == 'auto' else bf16))
+        self.bf16 = bool(on_cpu and not self.fp16 and (cpu_has_fast_bf16() if bf16 == 'auto' else bf16))
         self.batch_size, self.length_buckets = batch_size, length_buckets
         path = resolve_model(name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

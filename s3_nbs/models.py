@@ -225,7 +225,7 @@ def default_device() -> str:
 def cpu_has_fast_bf16() -> bool:
     "True when this CPU multiplies bf16 matrices natively (AMX tiles or AVX512-BF16), so bf16 inference beats fp32."
     import torch
-    try: return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    try: return bool(torch.backends.mkldnn.is_available() and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
     except AttributeError: return False
 
 def inference_dtype(device: str | None = None):
