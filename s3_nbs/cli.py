@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument('--port', type=int, default=3000)
     sr.add_argument('--token', default=None, help='require this bearer token (default: env S3_RETRIEVER_TOKEN)')
     sr.add_argument('--default', default=None, help='retriever used when a request names none')
+    sw = sub.add_parser('serve-reward', help='serve the batched GBR reward over HTTP (POST /score, GET /health)')
+    sw.add_argument('--rag-cache', required=True, metavar='JSONL', help='the naive-RAG cache (built by `s3 run 03_rag_cache`)')
+    sw.add_argument('--config', default='smoke', help='config name in configs/ or a YAML path (generator, judge, reward mode)')
+    sw.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE', help='override a config field (repeatable)')
+    sw.add_argument('--retrieval-url', default=None, help='compute questions missing from the cache with this retrieval server')
+    sw.add_argument('--host', default='127.0.0.1', help='bind address (default: loopback only)')
+    sw.add_argument('--port', type=int, default=3200)
+    sw.add_argument('--token', default=None, help='require this bearer token (default: env S3_REWARD_TOKEN)')
+    sw.add_argument('--wait-ms', type=float, default=10.0, help='how long a request waits for others to share its batch')
     sg = sub.add_parser('serve-generator', help='start the frozen generator (OpenAI-compatible API) and wait')
     sg.add_argument('--model', default='smollm2-135m-instruct', help='model name or HF folder')
     sg.add_argument('--host', default='127.0.0.1')
@@ -68,6 +77,10 @@ def main(argv=None) -> int:
             dirs = args.index + [f'bm25={d}' for d in args.bm25]
             if not dirs: raise StageError('serve-retriever needs at least one --index DIR or --bm25 DIR (built by `s3 run 02_build_index`)')
             serve(*dirs, host=args.host, port=args.port, token=args.token, default=args.default)
+        elif args.cmd == 'serve-reward':
+            from s3_nbs.reward_service import serve_reward
+            serve_reward(args.rag_cache, args.config, args.set, host=args.host, port=args.port, retrieval_url=args.retrieval_url,
+                         token=args.token, wait_ms=args.wait_ms)
         elif args.cmd == 'serve-generator':
             from s3_nbs.generator import serve_generator
             return serve_generator(args.model, port=args.port, host=args.host, backend=args.backend, max_model_len=args.max_model_len)

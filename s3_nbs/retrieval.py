@@ -64,7 +64,9 @@ class RetrievalClient:
         self.stats = dict(requests=0, retries=0, failures=0)
         self._aclient = self._aloop = self._client = None
 
-    def __repr__(self): return f"RetrievalClient({self.url!r}, retries={self.retries}, timeout={self.timeout})"
+    what = 'retrieval'  # the service's job, for error messages
+
+    def __repr__(self): return f"{type(self).__name__}({self.url!r}, retries={self.retries}, timeout={self.timeout})"
 
     def _client_kw(self) -> dict:
         return dict(timeout=httpx.Timeout(self.timeout, pool=None), headers=self.headers,
@@ -105,20 +107,24 @@ class RetrievalClient:
 
     def _give_up(self, reason: str) -> RetrievalError:
         self.stats['failures'] += 1
-        return RetrievalError(f"retrieval at {self.url} failed after {self.retries + 1} attempts: {reason}", None, self.url)
+        return RetrievalError(f"{self.what} at {self.url} failed after {self.retries + 1} attempts: {reason}", None, self.url)
 
     def _chunks(self, queries: list) -> list:
         m = self.max_queries_per_request
         return [queries[i:i + m] for i in range(0, len(queries), m)]
 
     async def _post(self, queries: list, topk: int) -> list:
-        payload, client = {'queries': queries, 'topk': int(topk), 'return_scores': True}, self._async_client()
+        return await self._post_json({'queries': queries, 'topk': int(topk), 'return_scores': True}, len(queries))
+
+    async def _post_json(self, payload: dict, n: int):
+        "POST `payload` to `self.url`, retrying transport errors and `RETRY_STATUS` answers; `_outcome` reads the answer."
+        client = self._async_client()
         for attempt in range(self.retries + 1):
             resp = exc = None
             self.stats['requests'] += 1
             try: resp = await client.post(self.url, json=payload)
             except httpx.TransportError as e: exc = e
-            kind, val = self._outcome(resp, exc, len(queries))
+            kind, val = self._outcome(resp, exc, n)
             if kind == 'ok': return val
             if attempt == self.retries: raise self._give_up(val)
             self.stats['retries'] += 1
@@ -137,13 +143,17 @@ class RetrievalClient:
         return (await self.batch_search([query], topk))[0]
 
     def _post_sync(self, queries: list, topk: int) -> list:
-        payload, client = {'queries': queries, 'topk': int(topk), 'return_scores': True}, self._sync_client()
+        return self._post_json_sync({'queries': queries, 'topk': int(topk), 'return_scores': True}, len(queries))
+
+    def _post_json_sync(self, payload: dict, n: int):
+        "`_post_json` without an event loop (blocking)."
+        client = self._sync_client()
         for attempt in range(self.retries + 1):
             resp = exc = None
             self.stats['requests'] += 1
             try: resp = client.post(self.url, json=payload)
             except httpx.TransportError as e: exc = e
-            kind, val = self._outcome(resp, exc, len(queries))
+            kind, val = self._outcome(resp, exc, n)
             if kind == 'ok': return val
             if attempt == self.retries: raise self._give_up(val)
             self.stats['retries'] += 1

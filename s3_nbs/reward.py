@@ -6,7 +6,8 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/reward.html.md"""
 
 # %% ../nbs/api/30_reward.ipynb #0003
 from __future__ import annotations
-import asyncio, inspect
+import asyncio, hashlib, inspect
+from collections import OrderedDict
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -17,7 +18,8 @@ from .metrics import agenacc_batch, judge_messages, parse_judge
 from .store import JsonlStore
 
 # %% auto #0
-__all__ = ['REWARD_MODES', 'gbr', 'Graded', 'AnswerGrader', 'RagBaseline', 'RewardItem', 'GBRReward', 'make_reward']
+__all__ = ['REWARD_MODES', 'gbr', 'Graded', 'AnswerGrader', 'prompt_sha', 'RagCacheMiss', 'RagBaseline', 'RewardItem',
+           'GBRReward', 'make_reward']
 
 # %% ../nbs/api/30_reward.ipynb #0006
 REWARD_MODES = ('gbr', 'gbr_plus_acc')
@@ -50,22 +52,38 @@ async def _aiter_chat(client, batch, **kw):
 
 class AnswerGrader:
     "Answer questions from contexts with the frozen generator and grade them, batched; the judge is pipelined behind."
-    def __init__(self, generator, judge=None, accuracy: str = 'genacc', max_tokens: int = 64):
+    def __init__(self, generator, judge=None, accuracy: str = 'genacc', max_tokens: int = 64, max_verdicts: int = 200_000):
         if accuracy not in ('genacc', 'span', 'judge', 'em'): raise ValueError(f"unknown accuracy {accuracy!r}")
         self.generator, self.judge, self.accuracy, self.max_tokens = generator, judge or generator, accuracy, max_tokens
-        self.calls = {'answer': 0, 'judge': 0, 'answer_coalesced': 0, 'judge_coalesced': 0}
+        self.calls = {'answer': 0, 'judge': 0, 'answer_coalesced': 0, 'judge_coalesced': 0, 'judge_reused': 0,
+                      'answer_from_rag': 0}
         self._judging: dict = {}  # judge requests in flight, by content: concurrent duplicates share one call
+        self._verdicts: OrderedDict = OrderedDict()  # parsed verdicts by judge input, newest last (bounded)
+        self.max_verdicts = max_verdicts
+
+    def remember(self, question: str, prediction: str, golds: Sequence[str], verdict: bool | None) -> None:
+        "Keep the judge's verdict on this exact input (a later identical judge question is answered without a call)."
+        if verdict is None or self.max_verdicts <= 0: return
+        key = (question, prediction, tuple(golds))
+        self._verdicts[key] = bool(verdict); self._verdicts.move_to_end(key)
+        while len(self._verdicts) > self.max_verdicts: self._verdicts.popitem(last=False)
 
     async def _judge_one(self, q, p, g):
         self.calls['judge'] += 1
         reply = (await self.judge.achat([judge_messages(q, p, g)], temperature=0.0, max_tokens=8))[0]
-        return parse_judge(reply)
+        verdict = parse_judge(reply)
+        self.remember(q, p, g, verdict)
+        return verdict
 
     async def _judge_batch(self, triples):
-        "Verdicts for `(question, prediction, golds)` triples; a triple already being judged waits for that call."
+        "Verdicts for `(question, prediction, golds)` triples: remembered ones at once; one being judged waits for that call."
         futs = []
         for q, p, g in triples:
             key = (q, p, tuple(g))
+            if key in self._verdicts:
+                self.calls['judge_reused'] += 1
+                fut = asyncio.get_running_loop().create_future(); fut.set_result(self._verdicts[key])
+                futs.append(fut); continue
             fut = self._judging.get(key)
             if fut is None:
                 fut = self._judging[key] = asyncio.ensure_future(self._judge_one(q, p, g))
@@ -98,47 +116,66 @@ class AnswerGrader:
             await asyncio.gather(*pending)
         finally:
             for t in pending: t.cancel()
-        out = []
-        for a, r in zip(answers, res):
-            acc = {'genacc': r['genacc'], 'judge': bool(r['judge']), 'span': r['span'], 'em': r['em']}[self.accuracy]
-            out.append(Graded(a, r['span'], r['judge'], r['judged'], r['genacc'], r['em'], r['f1'], float(acc)))
-        return out
+        return [self.graded(a, r) for a, r in zip(answers, res)]
+
+    def graded(self, answer: str, r: dict) -> Graded:
+        "A `Graded` from an answer and its grades (`span`, `judge`, `judged`, `genacc`, `em`, `f1`), with this grader's accuracy."
+        acc = {'genacc': r['genacc'], 'judge': bool(r['judge']), 'span': r['span'], 'em': r['em']}[self.accuracy]
+        return Graded(answer, r['span'], r['judge'], r['judged'], r['genacc'], r['em'], r['f1'], float(acc))
 
 # %% ../nbs/api/30_reward.ipynb #0015
+def prompt_sha(question: str, context: str) -> str:
+    "Content address of one answer request (question + formatted context); the generator settings are in the cache's name."
+    return hashlib.sha256(f"{question}\0{context}".encode()).hexdigest()
+
 def _docs_of(hits) -> list[dict]:
     return [h['document'] if isinstance(h, dict) and 'document' in h else h for h in hits]
 
 async def _maybe_await(x):
     return await x if inspect.isawaitable(x) else x
 
+class RagCacheMiss(RuntimeError):
+    "Questions missing from the naive-RAG cache, with no retriever to compute them."
+
 class RagBaseline:
     "Naive top-k RAG accuracy per question id, read from an append-only cache; missing entries are computed and added."
     def __init__(self, path, grader: AnswerGrader, retriever=None, topk: int = 3):
         self.store, self.grader, self.retriever, self.topk = JsonlStore(path), grader, retriever, topk
         self.computed = 0
+        self._computing: dict = {}  # question id -> the computation in flight (concurrent calls never compute one twice)
 
     async def acompute(self, ids, questions, golds) -> list[dict]:
         "Retrieve top-k for every question, answer, grade, append to the cache; returns the new entries."
         if not ids: return []
         if self.retriever is None:
-            raise RuntimeError(f"{len(ids)} question(s) (e.g. {ids[0]!r}) are not in the naive-RAG cache {self.store.path} "
+            raise RagCacheMiss(f"{len(ids)} question(s) (e.g. {ids[0]!r}) are not in the naive-RAG cache {self.store.path} "
                                "and no retriever was given to compute them")
         hits = await _maybe_await(self.retriever.batch_search(list(questions), self.topk))
         docs = [_docs_of(h) for h in hits]
         graded = await self.grader.agrade(questions, golds, [format_docs(d) for d in docs])
-        entries = [{'id': i, 'question': q, 'golden_answers': list(g), 'doc_ids': [d.get('id') for d in ds], **asdict(r)}
+        entries = [{'id': i, 'question': q, 'golden_answers': list(g), 'doc_ids': [d.get('id') for d in ds],
+                    'prompt_sha': prompt_sha(q, format_docs(ds)), **asdict(r)}
                    for i, q, g, ds, r in zip(ids, questions, golds, docs, graded)]
         self.store.append(entries)
         self.computed += len(entries)
         return entries
 
+    def peek(self, ids) -> list[dict | None]:
+        "The cache entries for `ids` that exist now (None for the missing ones); computes nothing."
+        return [self.store.get(str(i)) for i in ids]
+
     async def aget(self, ids, questions, golds) -> list[dict]:
         "Cache entries for `ids`, computing the missing ones in one batch."
         ids = [str(i) for i in ids]
         miss = set(self.store.missing(ids))
-        todo = [(i, q, g) for i, q, g in zip(ids, questions, golds) if i in miss]
-        todo = list({i: (i, q, g) for i, q, g in todo}.values())
-        if todo: await self.acompute(*map(list, zip(*todo)))
+        waits = {self._computing[i] for i in miss if i in self._computing}  # being computed for a concurrent call
+        todo = list({i: (i, q, g) for i, q, g in zip(ids, questions, golds) if i in miss and i not in self._computing}.values())
+        if todo:
+            fut = asyncio.ensure_future(self.acompute(*map(list, zip(*todo))))
+            for i, _, _ in todo: self._computing[i] = fut
+            fut.add_done_callback(lambda f, keys=[i for i, _, _ in todo]: [self._computing.pop(k, None) for k in keys])
+            waits.add(fut)
+        if waits: await asyncio.gather(*[asyncio.shield(f) for f in waits])
         return [self.store[i] for i in ids]
 
 # %% ../nbs/api/30_reward.ipynb #0017
@@ -160,10 +197,21 @@ class GBRReward:
     async def ascore(self, items: Sequence[RewardItem]) -> list[dict]:
         "One dict per item: reward, acc_s3, acc_rag, the s3 answer and its grades, the mode."
         if not items: return []
-        s3_task = self.grader.agrade([it.question for it in items], [it.golden_answers for it in items],
-                                     [format_docs(it.docs) for it in items])
+        contexts = [format_docs(it.docs) for it in items]
+        known = self.baseline.peek([it.id for it in items])
+        for k in known:  # the judge's verdicts on the RAG answers: an s3 answer equal to one needs no judge call
+            if k and k.get('judged') and k.get('answer') is not None:
+                self.grader.remember(k['question'], k['answer'], k['golden_answers'], k.get('judge'))
+        # D_s3 == D_RAG (the same question and context text): the cached RAG answer is this request's answer
+        same = [bool(k) and k.get('prompt_sha') == prompt_sha(it.question, c) for it, k, c in zip(items, known, contexts)]
+        todo = [i for i, s in enumerate(same) if not s]
+        s3_task = self.grader.agrade([items[i].question for i in todo], [items[i].golden_answers for i in todo],
+                                     [contexts[i] for i in todo])
         rag_task = self.baseline.aget([it.id for it in items], [it.question for it in items], [it.golden_answers for it in items])
-        graded, rag = await asyncio.gather(s3_task, rag_task)
+        fresh, rag = await asyncio.gather(s3_task, rag_task)
+        graded = [self.grader.graded(k['answer'], k) if s else None for k, s in zip(known, same)]
+        for i, g in zip(todo, fresh): graded[i] = g
+        self.grader.calls['answer_from_rag'] += len(items) - len(todo)
         return [{'id': it.id, 'reward': gbr(g.acc, r['acc'], self.mode), 'acc_s3': g.acc, 'acc_rag': float(r['acc']),
                  'mode': self.mode, **{f's3_{k}': v for k, v in asdict(g).items()}} for it, g, r in zip(items, graded, rag)]
 
