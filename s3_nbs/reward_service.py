@@ -211,9 +211,11 @@ class RewardServiceError(RetrievalError):
 class RewardClient(RetrievalClient):
     "A client of the reward service (`POST /score`): `await ascore(items)` / `score(items)` -> reward dicts, in order."
     what = 'reward scoring'
-    def __init__(self, url: str, timeout: float = 3600.0, retries: int = 4, token: str | None = None, **kw):
+    def __init__(self, url: str, timeout: float = 3600.0, retries: int = 4, token: str | None = None,
+                 max_connections: int = 1024, **kw):
+        "`max_connections` is high: verl sends every trajectory of a step at once, and the service batches what it gets."
         token = token if token is not None else (os.environ.get('S3_REWARD_TOKEN') or '')
-        super().__init__(url, timeout=timeout, retries=retries, token=token, **kw)
+        super().__init__(url, timeout=timeout, retries=retries, token=token, max_connections=max_connections, **kw)
         base = url.rstrip('/')
         self.base_url = base[:-len('/score')] if base.endswith('/score') else base
         self.url = self.base_url + '/score'
