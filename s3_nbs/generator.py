@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 from .config import GeneratorConfig, cache_dir, get_logger, project_root
 from .metrics import extract_answer as metrics_extract_answer
+from .store import JsonlStore
 
 # %% auto #0
 __all__ = ['ANSWER_STYLE', 'extract_answer', 'GeneratorError', 'run_sync', 'ChatClient', 'check_batch', 'ChatBase',
@@ -433,59 +434,28 @@ def cache_key(model: str, messages: list[dict], temperature: float, max_tokens: 
                    stop=_norm_stop(stop))
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(',', ':')).encode()).hexdigest()
 
-def _flock(fd: int, exclusive: bool = True):
-    try: import fcntl
-    except ImportError: return
-    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN)
-
-def _parse_entry(line: bytes) -> dict | None:
-    try: rec = json.loads(line)
-    except ValueError: return None
-    if isinstance(rec, dict) and isinstance(rec.get('key'), str) and isinstance(rec.get('response'), str): return rec
-    return None
+def _valid_entry(rec: dict) -> bool:
+    return isinstance(rec.get('key'), str) and isinstance(rec.get('response'), str)
 
 class CachedChat(ChatBase):
-    "A chat client with a content-addressed, append-only, crash-safe JSON-lines cache in front of `inner`."
+    "A chat client with a content-addressed, append-only, crash-safe JSON-lines cache (a locked `JsonlStore`) in front of `inner`."
     def __init__(self, inner, path: str | os.PathLike, store_messages: bool = False, cache_sampled: bool = False):
         self.inner, self.path = inner, Path(path)
         self.model = inner.model
         self.temperature, self.max_tokens = getattr(inner, 'temperature', 0.0), getattr(inner, 'max_tokens', 64)
         self.store_messages, self.cache_sampled = store_messages, cache_sampled
         self.hits = self.misses = self.bypassed = 0
-        self.skipped_lines = self.repaired_bytes = 0
-        self._mem: dict[str, str] = {}
-        self._wlock = threading.Lock()
-        self._fd: int | None = None
-        self._open()
+        self._closed = False
+        self._store = JsonlStore(self.path, key='key', valid=_valid_entry, lock=True)
+        self.repaired_bytes = self._store.dropped_bytes
+        self.skipped_lines = self._store.skipped_lines + bool(self.repaired_bytes)
+        if self.repaired_bytes: get_logger('generator').warning(f"{self.path}: dropped a partial last line ({self.repaired_bytes} bytes)")
 
-    def _open(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        _flock(self._fd)
-        try:
-            with open(self.path, 'rb') as f: data = f.read()
-            lines = data.split(b'\n')
-            tail = lines.pop()  # b'' when the file ends with a newline, else an unterminated last line
-            for ln in lines:
-                rec = _parse_entry(ln) if ln.strip() else None
-                if rec is None:
-                    if ln.strip(): self.skipped_lines += 1
-                    continue
-                self._mem[rec['key']] = rec['response']
-            if tail:
-                rec = _parse_entry(tail)
-                if rec is not None:  # complete entry, only its newline is missing
-                    self._mem[rec['key']] = rec['response']
-                    os.write(self._fd, b'\n')
-                else:               # a write cut short: drop it so the next line starts clean
-                    self.skipped_lines += 1
-                    self.repaired_bytes = len(tail)
-                    os.ftruncate(self._fd, len(data) - len(tail))
-                    get_logger('generator').warning(f"{self.path}: dropped a partial last line ({len(tail)} bytes)")
-                os.fsync(self._fd)
-        finally: _flock(self._fd, False)
+    def __len__(self): return len(self._store)
 
-    def __len__(self): return len(self._mem)
+    def _cached(self, key: str) -> str | None:
+        rec = self._store.get(key)
+        return None if rec is None else rec['response']
 
     def key(self, messages: list[dict], temperature=None, max_tokens=None, stop=None) -> str:
         "The cache key of one call (`None` parameters take the client's defaults)."
@@ -494,22 +464,15 @@ class CachedChat(ChatBase):
 
     def lookup(self, messages: list[dict], temperature=None, max_tokens=None, stop=None) -> str | None:
         "The cached answer of one call, or None."
-        return self._mem.get(self.key(messages, temperature, max_tokens, stop))
+        return self._cached(self.key(messages, temperature, max_tokens, stop))
 
     def _append(self, entries: list[dict]):
-        data = b''.join(json.dumps(e, ensure_ascii=False).encode() + b'\n' for e in entries)
-        with self._wlock:
-            if self._fd is None: raise ValueError(f"{self.path}: the cache is closed")
-            _flock(self._fd)
-            try:
-                view = memoryview(data)
-                while view: view = view[os.write(self._fd, view):]
-            finally: _flock(self._fd, False)
+        if self._closed: raise ValueError(f"{self.path}: the cache is closed")
+        self._store.append(entries, sync=False)
 
     def flush(self):
         "fsync the cache file."
-        with self._wlock:
-            if self._fd is not None: os.fsync(self._fd)
+        if not self._closed: self._store.flush()
 
     async def _inner_iter(self, batch, p):
         if hasattr(self.inner, 'aiter_chat'):
@@ -526,9 +489,10 @@ class CachedChat(ChatBase):
         todo: dict[str, list[int]] = {}
         for i, m in enumerate(batch):
             k = cache_key(self.model, m, p['temperature'], p['max_tokens'], p['stop'])
-            if k in self._mem:
+            hit = self._cached(k)
+            if hit is not None:
                 self.hits += 1
-                yield i, self._mem[k]
+                yield i, hit
             else: todo.setdefault(k, []).append(i)
         if not todo: return
         keys = list(todo)
@@ -540,26 +504,23 @@ class CachedChat(ChatBase):
                 entry = dict(key=k, model=self.model, params=p, response=text, time=round(time.time(), 3))
                 if self.store_messages: entry['messages'] = batch[todo[k][0]]
                 self._append([entry])
-                self._mem[k] = text
                 for i in todo[k]: yield i, text
         finally: self.flush()
 
     def stats(self) -> dict:
         "Hit/miss counters and the number of entries."
-        return dict(entries=len(self._mem), hits=self.hits, misses=self.misses, bypassed=self.bypassed,
+        return dict(entries=len(self._store), hits=self.hits, misses=self.misses, bypassed=self.bypassed,
                     skipped_lines=self.skipped_lines)
 
     def close(self):
-        "fsync and close the file (the client stays usable for lookups)."
-        with self._wlock:
-            if self._fd is not None:
-                os.fsync(self._fd); os.close(self._fd); self._fd = None
+        "fsync and close the cache for writing (the client stays usable for lookups)."
+        if not self._closed: self._store.flush(); self._closed = True
 
     def __del__(self):
         try: self.close()
         except Exception: pass
 
-    def __repr__(self): return f"CachedChat({self.inner!r}, path={str(self.path)!r}, entries={len(self._mem)})"
+    def __repr__(self): return f"CachedChat({self.inner!r}, path={str(self.path)!r}, entries={len(self._store)})"
 
 # %% ../nbs/api/20_generator.ipynb #0034
 def make_generator(cfg=None, judge: bool = False, cache_path: str | os.PathLike | None = None, **kw):

@@ -7,6 +7,7 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/store.html.md"""
 # %% ../nbs/api/04_store.ipynb #0003
 from __future__ import annotations
 import json, os, threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -14,40 +15,76 @@ from typing import Any, Callable, Iterable, Iterator
 __all__ = ['JsonlStore']
 
 # %% ../nbs/api/04_store.ipynb #0005
+@contextmanager
+def _flocked(f, on: bool = True):
+    "An exclusive `flock` on open file `f` for the block (no-op where `fcntl` is missing or `on` is false)."
+    try: import fcntl
+    except ImportError: fcntl = None
+    if not on or fcntl is None: yield; return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try: yield
+    finally: fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
 class JsonlStore:
-    "An append-only jsonl file of records keyed by `key` (a field name or a function of the record)."
-    def __init__(self, path, key: str | Callable[[dict], str] = 'id', repair: bool = True):
+    """An append-only jsonl file of records keyed by `key` (a field name or a function of the record). `valid` says
+    which parsed records count (others are skipped); `lock` makes appends safe across processes."""
+    def __init__(self, path, key: str | Callable[[dict], str] = 'id', repair: bool = True,
+                 valid: Callable[[dict], bool] | None = None, lock: bool = False):
         self.path = Path(path)
         self.key = key if callable(key) else (lambda r, k=key: str(r[k]))
+        self.valid, self.lock = valid, lock
         self.records: dict[str, dict] = {}
-        self.dropped_bytes = 0
+        self.dropped_bytes = 0  # bytes of a torn last line (removed from the file when `repair`)
+        self.skipped_lines = 0  # complete lines that are not valid records (left in the file, ignored)
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists(): self._load(repair)
 
-    def _load(self, repair: bool):
-        data = self.path.read_bytes()
-        good = 0  # byte offset just past the last complete, valid line
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b'\n'): break  # torn final write
-            try: rec = json.loads(line)
-            except json.JSONDecodeError: break  # corrupt tail: keep everything before it
-            if isinstance(rec, dict): self.records[self.key(rec)] = rec
-            good += len(line)
-        self.dropped_bytes = len(data) - good
-        if self.dropped_bytes and repair:
-            with open(self.path, 'r+b') as f: f.truncate(good)
+    def _parse(self, line: bytes) -> dict | None:
+        try: rec = json.loads(line)
+        except ValueError: return None
+        if not isinstance(rec, dict) or (self.valid is not None and not self.valid(rec)): return None
+        try: self.key(rec)
+        except (KeyError, TypeError): return None
+        return rec
 
-    def append(self, records: Iterable[dict]) -> int:
-        "Append records durably (one write + fsync); returns how many were written."
+    def _load(self, repair: bool):
+        with open(self.path, 'r+b' if repair else 'rb') as f, _flocked(f, self.lock and repair):
+            data = f.read()
+            lines = data.split(b'\n')
+            tail = lines.pop()  # b'' when the file ends with a newline, else an unterminated last line
+            for ln in lines:
+                if not ln.strip(): continue
+                rec = self._parse(ln)
+                if rec is None: self.skipped_lines += 1
+                else: self.records[self.key(rec)] = rec
+            if not tail.strip(): return
+            rec = self._parse(tail)
+            if rec is not None:  # complete, only its newline is missing
+                self.records[self.key(rec)] = rec
+                if repair: f.seek(0, 2); f.write(b'\n')
+            else:                # a write cut short
+                self.dropped_bytes = len(tail)
+                if repair: f.truncate(len(data) - len(tail))
+            if repair: f.flush(); os.fsync(f.fileno())
+
+    def append(self, records: Iterable[dict], sync: bool = True) -> int:
+        "Append records durably (one write, then `fsync` unless `sync=False`); returns how many were written."
         recs = list(records)
         if not recs: return 0
         blob = ''.join(json.dumps(r, ensure_ascii=False, default=str) + '\n' for r in recs).encode()
         with self._lock:
-            with open(self.path, 'ab') as f:
-                f.write(blob); f.flush(); os.fsync(f.fileno())
+            with open(self.path, 'ab') as f, _flocked(f, self.lock):
+                f.write(blob); f.flush()
+                if sync: os.fsync(f.fileno())
             for r in recs: self.records[self.key(r)] = r
         return len(recs)
+
+    def flush(self) -> None:
+        "`fsync` the file (after appends with `sync=False`)."
+        with self._lock:
+            if self.path.exists():
+                with open(self.path, 'rb') as f: os.fsync(f.fileno())
 
     def __contains__(self, k) -> bool: return str(k) in self.records
     def __getitem__(self, k) -> dict: return self.records[str(k)]
