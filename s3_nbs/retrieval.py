@@ -65,6 +65,7 @@ class RetrievalClient:
         self._aclient = self._aloop = self._client = None
 
     what = 'retrieval'  # the service's job, for error messages
+    error = RetrievalError  # what this client raises
 
     def __repr__(self): return f"{type(self).__name__}({self.url!r}, retries={self.retries}, timeout={self.timeout})"
 
@@ -91,23 +92,30 @@ class RetrievalClient:
         return d
 
     def _outcome(self, resp: httpx.Response | None, exc: Exception | None, n: int):
-        "('ok', rows) | ('retry', reason) | raises RetrievalError for answers that retrying cannot fix."
+        "('ok', rows) | ('retry', reason) | raises `self.error` for answers that retrying cannot fix."
         if exc is not None: return 'retry', f"{type(exc).__name__}: {exc}"
         if resp.status_code in RETRY_STATUS: return 'retry', f"HTTP {resp.status_code}: {_error_message(resp)}"
         if resp.status_code >= 400:
-            raise RetrievalError(f"{self.url} refused the request (HTTP {resp.status_code}): {_error_message(resp)}",
-                                 resp.status_code, self.url)
-        try: rows = resp.json()['result']
+            raise self.error(f"{self.url} refused the request (HTTP {resp.status_code}): {_error_message(resp)}",
+                             resp.status_code, self.url)
+        return 'ok', self._read(resp, n)
+
+    def _rows(self, resp: httpx.Response, field: str, n: int, what: str, asked: str) -> list:
+        "The list `field` of a JSON answer, checked to hold `n` entries (`what` they are, for `n` `asked`: words for the error)."
+        try: rows = resp.json()[field]
         except (ValueError, KeyError, TypeError):
-            raise RetrievalError(f"{self.url} answered without a 'result' list: {resp.text[:200]!r}", resp.status_code, self.url) from None
+            raise self.error(f"{self.url} answered without a {field!r} list: {resp.text[:200]!r}", resp.status_code, self.url) from None
         if not isinstance(rows, list) or len(rows) != n:
-            raise RetrievalError(f"{self.url} answered {len(rows) if isinstance(rows, list) else 'no'} result lists for {n} queries",
-                                 resp.status_code, self.url)
-        return 'ok', _hits(rows)
+            raise self.error(f"{self.url} answered {len(rows) if isinstance(rows, list) else 'no'} {what} for {n} {asked}",
+                             resp.status_code, self.url)
+        return rows
+
+    def _read(self, resp: httpx.Response, n: int) -> list:
+        return _hits(self._rows(resp, 'result', n, 'result lists', 'queries'))
 
     def _give_up(self, reason: str) -> RetrievalError:
         self.stats['failures'] += 1
-        return RetrievalError(f"{self.what} at {self.url} failed after {self.retries + 1} attempts: {reason}", None, self.url)
+        return self.error(f"{self.what} at {self.url} failed after {self.retries + 1} attempts: {reason}", None, self.url)
 
     def _chunks(self, queries: list) -> list:
         m = self.max_queries_per_request

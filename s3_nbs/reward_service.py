@@ -6,16 +6,15 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/reward_service.html.md"""
 
 # %% ../nbs/api/31_reward_service.ipynb #0003
 from __future__ import annotations
-import asyncio, hmac, json, os, time, weakref
+import asyncio, json, os, time, weakref
 from typing import Any, Mapping, Sequence
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import Response
 from .config import get_logger
 from .generator import run_sync
-from .retrieval import RETRY_STATUS, RetrievalClient, RetrievalError, _error_message
+from .retrieval import RetrievalClient, RetrievalError
 from .reward import GBRReward, RagCacheMiss, RewardItem
-from .server import RequestError, _is_json_type, _is_loopback, render_json
+from .server import RequestError, _is_json_type, _is_loopback, add_error_handlers, bearer_auth, render_json
 
 # %% auto #0
 __all__ = ['MAX_ITEMS', 'MAX_DOCS', 'parse_reward_item', 'parse_score_request', 'item_json', 'RewardBatcher', 'reward_app',
@@ -154,12 +153,7 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
     app = FastAPI(title='s3_nbs reward service', lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher = batcher
 
-    def check_auth(request: Request) -> None:
-        if token is None: return
-        scheme, _, cred = request.headers.get('authorization', '').partition(' ')
-        if scheme.lower() != 'bearer' or not hmac.compare_digest(cred.strip().encode(), token.encode()):
-            raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'", 'authorization',
-                               headers={'WWW-Authenticate': 'Bearer'})
+    check_auth = bearer_auth(token)
 
     @app.post('/score')
     async def score(request: Request):
@@ -194,14 +188,7 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
                 'rag_cache_entries': len(reward.baseline.store), 'calls': dict(g.calls),
                 'batching': {**batcher.stats, 'in_flight': batcher.in_flight(), 'wait_ms': wait_ms, 'max_batch': max_batch}}
 
-    @app.exception_handler(RequestError)
-    async def _request_error(request, exc: RequestError): return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        msg = {404: f"no route {request.url.path!r}: use POST /score or GET /health",
-               405: f"method {request.method} is not allowed on {request.url.path!r}"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse({'error': msg}, status_code=exc.status_code, headers=getattr(exc, 'headers', None))
+    add_error_handlers(app, 'POST /score or GET /health', 'scoring')
     return app
 
 # %% ../nbs/api/31_reward_service.ipynb #0017
@@ -220,23 +207,10 @@ class RewardClient(RetrievalClient):
         self.base_url = base[:-len('/score')] if base.endswith('/score') else base
         self.url = self.base_url + '/score'
 
-    def _outcome(self, resp, exc, n: int):
-        if exc is not None: return 'retry', f"{type(exc).__name__}: {exc}"
-        if resp.status_code in RETRY_STATUS: return 'retry', f"HTTP {resp.status_code}: {_error_message(resp)}"
-        if resp.status_code >= 400:
-            raise RewardServiceError(f"{self.url} refused the request (HTTP {resp.status_code}): {_error_message(resp)}",
-                                     resp.status_code, self.url)
-        try: rows = resp.json()['results']
-        except (ValueError, KeyError, TypeError):
-            raise RewardServiceError(f"{self.url} answered without a 'results' list: {resp.text[:200]!r}", resp.status_code, self.url) from None
-        if not isinstance(rows, list) or len(rows) != n:
-            raise RewardServiceError(f"{self.url} answered {len(rows) if isinstance(rows, list) else 'no'} results for {n} rollouts",
-                                     resp.status_code, self.url)
-        return 'ok', rows
+    error = RewardServiceError
 
-    def _give_up(self, reason: str) -> RewardServiceError:
-        self.stats['failures'] += 1
-        return RewardServiceError(f"reward scoring at {self.url} failed after {self.retries + 1} attempts: {reason}", None, self.url)
+    def _read(self, resp, n: int) -> list:
+        return self._rows(resp, 'results', n, 'results', 'rollouts')
 
     async def ascore(self, items: Sequence[RewardItem]) -> list[dict]:
         "Reward dicts for `items` (one request)."

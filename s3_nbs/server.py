@@ -21,7 +21,8 @@ from .config import get_logger
 # %% auto #0
 __all__ = ['EXAMPLE_BODY', 'RequestError', 'RetrieveRequest', 'parse_retrieve_request', 'LRUCache', 'format_result',
            'render_json', 'DocJSON', 'render_rows', 'render_result', 'retriever_kind', 'QueueFullError', 'MicroBatcher',
-           'retriever_info', 'create_app', 'baseline_app', 'ServerThread', 'load_retrievers', 'serve']
+           'retriever_info', 'bearer_auth', 'add_error_handlers', 'create_app', 'baseline_app', 'ServerThread',
+           'load_retrievers', 'serve']
 
 # %% ../nbs/api/11_server.ipynb #0008
 class RequestError(Exception):
@@ -318,6 +319,32 @@ def retriever_info(retriever) -> dict:
     return dict(kind=retriever_kind(retriever), count=count, encoder=m.get('encoder') or getattr(enc, 'name', None),
                 index_type=m.get('index_type'), backend=m.get('backend'))
 
+def bearer_auth(token: str | None):
+    "A request check that raises `RequestError` 401 unless the request carries `Authorization: Bearer <token>` (no check when `token` is None)."
+    def check(request: Request) -> None:
+        if token is None: return
+        scheme, _, cred = request.headers.get('authorization', '').partition(' ')
+        if scheme.lower() != 'bearer' or not hmac.compare_digest(cred.strip().encode(), token.encode()):
+            raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'", 'authorization',
+                               headers={'WWW-Authenticate': 'Bearer'})
+    return check
+
+def add_error_handlers(app: FastAPI, routes: str, what: str) -> None:
+    "JSON error answers `{\"error\": ...}` for `RequestError`, unknown routes (naming `routes`), wrong methods and crashes (`what` failed)."
+    @app.exception_handler(RequestError)
+    async def _request_error(request, exc: RequestError): return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        msg = {404: f"no route {request.url.path!r}: use {routes}",
+               405: f"method {request.method} is not allowed on {request.url.path!r}"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse({'error': msg}, status_code=exc.status_code, headers=getattr(exc, 'headers', None))
+
+    @app.exception_handler(Exception)
+    async def _server_error(request, exc):
+        _log.exception(f"{what} failed")
+        return JSONResponse({'error': f"{what} failed: {type(exc).__name__}: {exc}"}, status_code=500)
+
 def create_app(retrievers: Mapping[str, Any] | Any, default: str | None = None, *, default_topk: int = 3,
                max_topk: int = 100, max_queries: int = 512, max_query_chars: int = 2000,
                max_body_bytes: int = 8 << 20, token: str | None = None, batch_wait_ms: float = 2.0,
@@ -347,13 +374,7 @@ def create_app(retrievers: Mapping[str, Any] | Any, default: str | None = None, 
     app = FastAPI(title='s3_nbs retrieval server', lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batchers, app.state.cache, app.state.default, app.state.limits = batchers, cache, default, limits
 
-    def check_auth(request: Request) -> None:
-        if token is None: return
-        got = request.headers.get('authorization', '')
-        scheme, _, cred = got.partition(' ')
-        if scheme.lower() != 'bearer' or not hmac.compare_digest(cred.strip().encode(), token.encode()):
-            raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'", 'authorization',
-                               headers={'WWW-Authenticate': 'Bearer'})
+    check_auth = bearer_auth(token)
 
     async def handle(request: Request, name: str | None) -> Response:
         check_auth(request)
@@ -407,19 +428,7 @@ def create_app(retrievers: Mapping[str, Any] | Any, default: str | None = None, 
                                for n, r in retrievers.items()},
                 'limits': limits, 'cache': cache.stats(), 'doc_cache': doc_cache.stats()}
 
-    @app.exception_handler(RequestError)
-    async def _request_error(request, exc: RequestError): return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        msg = {404: f"no route {request.url.path!r}: use POST /retrieve, POST /retrieve/{{name}} or GET /health",
-               405: f"method {request.method} is not allowed on {request.url.path!r}"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse({'error': msg}, status_code=exc.status_code, headers=getattr(exc, 'headers', None))
-
-    @app.exception_handler(Exception)
-    async def _server_error(request, exc):
-        _log.exception("retrieval failed")
-        return JSONResponse({'error': f"retrieval failed: {type(exc).__name__}: {exc}"}, status_code=500)
+    add_error_handlers(app, 'POST /retrieve, POST /retrieve/{name} or GET /health', 'retrieval')
     return app
 
 # %% ../nbs/api/11_server.ipynb #0032
