@@ -138,10 +138,12 @@ class RewardBatcher:
 
 # %% ../nbs/api/31_reward_service.ipynb #0015
 def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 10.0, max_batch: int = 1024,
-               max_items: int = MAX_ITEMS, max_body_bytes: int = 64 << 20, request_timeout_s: float = 3600.0) -> FastAPI:
+               max_items: int = MAX_ITEMS, max_body_bytes: int = 64 << 20, request_timeout_s: float = 3600.0,
+               info: Mapping | None = None) -> FastAPI:
     """The reward service: `POST /score {"items": [rollout, ...]}` -> `{"results": [reward dict, ...]}` (concurrent requests
     micro-batched by a `RewardBatcher`), `GET /health`. A rollout missing from the naive-RAG cache when the cache
-    cannot compute it (no retriever) is refused with 422 before batching, so it never fails other callers' batch."""
+    cannot compute it (no retriever) is refused with 422 before batching, so it never fails other callers' batch.
+    `info` (e.g. the resolved config) is shown by `/health`."""
     from contextlib import asynccontextmanager
     batcher, started = RewardBatcher(reward, wait_ms, max_batch), time.time()
 
@@ -162,7 +164,10 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
         n = request.headers.get('content-length')
         if n is not None and n.isdigit() and int(n) > max_body_bytes:
             raise RequestError(413, f"the body has {int(n)} bytes, more than the limit of {max_body_bytes}", 'body')
-        items = parse_score_request(await request.body(), request.headers.get('content-type'), max_items)
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            raise RequestError(413, f"the body has {len(body)} bytes, more than the limit of {max_body_bytes}", 'body')
+        items = parse_score_request(body, request.headers.get('content-type'), max_items)
         if reward.baseline.retriever is None:
             missing = [it.id for it, k in zip(items, reward.baseline.peek([it.id for it in items])) if k is None]
             if missing:
@@ -186,7 +191,8 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
         return {'status': 'ok', 'uptime_s': round(time.time() - started, 1), 'mode': reward.mode, 'accuracy': g.accuracy,
                 'generator': getattr(g.generator, 'model', type(g.generator).__name__), 'rag_cache': str(reward.baseline.store.path),
                 'rag_cache_entries': len(reward.baseline.store), 'calls': dict(g.calls),
-                'batching': {**batcher.stats, 'in_flight': batcher.in_flight(), 'wait_ms': wait_ms, 'max_batch': max_batch}}
+                'batching': {**batcher.stats, 'in_flight': batcher.in_flight(), 'wait_ms': wait_ms, 'max_batch': max_batch},
+                **({'info': dict(info)} if info else {})}
 
     add_error_handlers(app, 'POST /score or GET /health', 'scoring')
     return app
@@ -280,7 +286,7 @@ def serve_reward(rag_cache, config='smoke', overrides: Sequence[str] = (), host:
     "Serve the GBR reward of config `config` (with `overrides`) over `rag_cache` on `host:port` until interrupted."
     import uvicorn
     from pathlib import Path
-    from s3_nbs.config import parse_assignments, resolve_config
+    from s3_nbs.config import config_to_dict, parse_assignments, resolve_config
     from s3_nbs.reward import make_reward
     from s3_nbs.retrieval import RetrievalClient
     if not Path(rag_cache).exists() and not retrieval_url:
@@ -290,7 +296,10 @@ def serve_reward(rag_cache, config='smoke', overrides: Sequence[str] = (), host:
     if not _is_loopback(host) and token is None:
         _log.warning(f"serving on {host} without a token: anyone who can reach port {port} can spend generator calls")
     reward = make_reward(cfg, rag_cache, retriever=RetrievalClient(retrieval_url) if retrieval_url else None)
-    app = reward_app(reward, token=token, wait_ms=wait_ms)
+    conf = config_to_dict(cfg)
+    app = reward_app(reward, token=token, wait_ms=wait_ms,
+                     info={'config': {k: conf[k] for k in ('generator', 'reward', 'retrieval') if k in conf},
+                           'retrieval_url': retrieval_url})
     _log.info(f"serving the {cfg.reward.mode} reward ({cfg.generator.backend} generator {cfg.generator.model}, "
               f"{len(reward.baseline.store)} cached RAG answers) on http://{host}:{port}/score")
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -73,6 +73,7 @@ def test_concurrent_requests_are_batched(service):
     h = httpx.get(f'{url}/health').json()
     assert h['batching']['requests'] >= 8 and h['batching']['batches'] < h['batching']['requests'], h['batching']
     assert h['calls']['answer'] + h['calls']['answer_coalesced'] >= 8
+    assert h['info']['config']['generator']['model'] == 'tiny-llama' and h['info']['config']['reward']['mode'] == 'gbr'
 
 
 def test_rag_context_needs_no_generator_call(service):
