@@ -138,12 +138,35 @@ def _buffer_layer_cls():
 
     return BufferLayer
 
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    "Length of the common prefix of two 1-d id arrays."
-    m = min(len(a), len(b))
-    if not m or a[0] != b[0]: return 0
-    diff = np.flatnonzero(a[:m] != b[:m])
-    return int(diff[0]) if diff.size else m
+class _PrefixTable:
+    """Token-id arrays, each with a payload; `best(ctx)` finds the one sharing the longest prefix with `ctx` in one
+    vectorised comparison (rows padded with -1, which no token id equals)."""
+    def __init__(self, items=()):
+        self._m, self._lens, self._kv = np.full((0, 0), -1, dtype=np.int32), [], []
+        for ids, kv in items: self.add(ids, kv)
+
+    def __len__(self): return len(self._kv)
+
+    def add(self, ids, kv) -> None:
+        ids, n = np.asarray(ids, dtype=np.int32), len(self._kv)
+        rows, width = self._m.shape
+        if n == rows or len(ids) > width:  # grow by doubling: amortised O(1) copies per row
+            m = np.full((max(2 * rows, 8) if n == rows else rows, max(2 * width, len(ids)) if len(ids) > width else width),
+                        -1, dtype=np.int32)
+            m[:rows, :width] = self._m
+            self._m = m
+        self._m[n, :len(ids)] = ids
+        self._lens.append(len(ids)); self._kv.append(kv)
+
+    def best(self, ctx) -> tuple:
+        "`(n, payload)` of the entry with the longest common prefix `n` with `ctx`; `(0, None)` when none shares a token."
+        n = len(self._kv)
+        m = min(self._m.shape[1], len(ctx))
+        if not n or not m: return 0, None
+        neq = self._m[:n, :m] != np.asarray(ctx[:m], dtype=np.int32)
+        first = np.where(neq.any(1), neq.argmax(1), m)
+        i = int(first.argmax())
+        return (int(first[i]), self._kv[i]) if first[i] > 0 else (0, None)
 
 def _sample(logits, greedy: bool, temperature: float, top_p: float):
     "Next token per row: argmax, or a sample at `temperature` from the smallest top-p set (as transformers' TopP)."
@@ -227,27 +250,20 @@ class HFPolicy:
         return out
 
     # -- s3 engine ---------------------------------------------------------------------------------------------
-    def _lookup(self, ctx, store):
-        """The kept `(ids, kv)` that shares the longest token prefix with `ctx` (numpy id arrays), as `(n, kv)`;
-        `(0, None)` when none does. A row's own previous turn matches its whole kept length; another question
-        written from the same template matches the shared instructions."""
-        best = (0, None)
-        for ids, kv in store:
-            n = _common_prefix(ids, ctx)
-            if n > best[0]: best = (n, kv)
-        return best
-
     def _s3_generate(self, contexts, budgets, store, greedy, temperature, top_p, stop):
         import torch
         BufferLayer = _buffer_layer_cls()
         from transformers.cache_utils import DynamicCache
         model, dev = self.model, self.model.device
         B, T = len(contexts), max(1, max(budgets))
-        rows_kv, last, here = [], [], []  # here: rows prefilled in this call, prefix sources for the later rows
+        # prefix sources, by longest common token prefix: the kept rows of the previous call (a row's own previous
+        # turn matches its whole kept length) and the rows prefilled in this call (the shared instructions)
+        table, here = _PrefixTable(store), _PrefixTable()
+        rows_kv, last = [], []
         with torch.no_grad(), gqa_attention(model):
             for ctx in contexts:  # prefill each row's new tokens on its own: no padding
                 arr = np.asarray(ctx, dtype=np.int64)
-                n, kv = max(self._lookup(arr, store), self._lookup(arr, here), key=lambda t: t[0])
+                n, kv = max(table.best(arr), here.best(arr), key=lambda t: t[0])
                 if n == len(ctx): n -= 1  # always feed at least one token to get the next-token logits
                 cache = DynamicCache(config=model.config)
                 if kv is None: cache.layers = [BufferLayer() for _ in cache.layers]
@@ -263,9 +279,9 @@ class HFPolicy:
                           use_cache=True, logits_to_keep=1)
                 last.append(o.logits[0, -1].float())
                 rows_kv.append([(l.keys[0], l.values[0]) for l in cache.layers])
-                if self.reuse_cache: here.append((arr, rows_kv[-1]))
+                if self.reuse_cache: here.add(arr, rows_kv[-1])
                 self.stats['prefill_tokens'] += len(ctx) - n; self.stats['reused_tokens'] += n
-            store = here = None  # let the previous call's buffers go before allocating the decode buffer
+            store = here = table = None  # let the previous call's buffers go before allocating the decode buffer
             lens = [len(c) for c in contexts]
             L = max(lens)
             layers = []
