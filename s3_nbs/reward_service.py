@@ -250,8 +250,8 @@ def use_local_reward(reward: GBRReward | None, wait_ms: float = 10.0) -> None:
     "Score `compute_score` calls in this process with `reward` (None: back to the service only)."
     _local.update(reward=reward, wait_ms=wait_ms, batchers=weakref.WeakKeyDictionary())
 
-def _reward_url(extra_info) -> str:
-    return str((extra_info or {}).get('reward_url') or os.environ.get('S3_REWARD_URL') or '')
+def _reward_url(extra_info, reward_url=None) -> str:
+    return str(reward_url or (extra_info or {}).get('reward_url') or os.environ.get('S3_REWARD_URL') or '')
 
 async def _score_items(items: list[RewardItem], url: str) -> list[dict]:
     if url:
@@ -268,15 +268,15 @@ async def _score_items(items: list[RewardItem], url: str) -> list[dict]:
 def _verl_result(r: dict) -> dict:
     return {'score': float(r['reward']), 'acc_s3': float(r['acc_s3']), 'acc_rag': float(r['acc_rag'])}
 
-async def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
+async def compute_score(data_source, solution_str, ground_truth, extra_info=None, reward_url: str | None = None, **kwargs) -> dict:
     "verl's per-sample contract (async): the GBR reward of one trajectory; concurrent calls are scored as one batch."
     item = reward_item_from_verl(data_source, ground_truth, extra_info)
-    return _verl_result((await _score_items([item], _reward_url(extra_info)))[0])
+    return _verl_result((await _score_items([item], _reward_url(extra_info, reward_url)))[0])
 
-def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, **kwargs) -> list[dict]:
+def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, reward_url: str | None = None, **kwargs) -> list[dict]:
     "verl's `batch` reward manager contract: the GBR rewards of a whole step, in one batch."
     items = [reward_item_from_verl(d, g, e) for d, g, e in zip(data_sources, ground_truths, extra_infos)]
-    urls = {_reward_url(e) for e in extra_infos}
+    urls = {_reward_url(e, reward_url) for e in extra_infos}
     if len(urls) > 1: raise ValueError(f"the samples of one batch name different reward services: {sorted(urls)}")
     return [_verl_result(r) for r in run_sync(_score_items(items, urls.pop() if urls else ''))]
 
