@@ -116,7 +116,7 @@ async def main(a):
             ms = lambda kind: [x * 1000 for k, x in lat if kind in (None, k)]
             agree_svc = sum(abs(o - r) < 1e-9 for o, r in zip(svc, orig)) / len(items)
             print(f"repeat {rep}: ours {len(items)/t_ours:6.2f} rewards/s ({t_ours:.1f}s, {g.calls['answer']} answer + {g.calls['judge']} judge calls, "
-                  f"{g.calls['answer_coalesced'] + g.calls['judge_coalesced']} coalesced, {g.calls['answer_from_rag']} answers from the RAG cache, "
+                  f"{g.calls['answer_coalesced'] + g.calls['judge_coalesced']} coalesced, {g.calls['answer_reused']} answers reused, "
                   f"{g.calls['judge_reused']} judge verdicts reused) | "
                   f"service {len(items)/t_svc:6.2f} rewards/s ({t_svc:.1f}s, {len(items)} compute_score calls in {batching['batches']} batch(es), "
                   f"same reward as original on {agree_svc:.0%}) | "

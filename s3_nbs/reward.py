@@ -18,7 +18,7 @@ from .metrics import agenacc_batch, judge_messages, parse_judge
 from .store import JsonlStore
 
 # %% auto #0
-__all__ = ['REWARD_MODES', 'gbr', 'Graded', 'AnswerGrader', 'prompt_sha', 'RagCacheMiss', 'RagBaseline', 'RewardItem',
+__all__ = ['REWARD_MODES', 'gbr', 'Graded', 'prompt_sha', 'AnswerGrader', 'RagCacheMiss', 'RagBaseline', 'RewardItem',
            'GBRReward', 'make_reward']
 
 # %% ../nbs/api/30_reward.ipynb #0006
@@ -43,6 +43,16 @@ class Graded:
     f1: float
     acc: float  # the accuracy the reward uses
 
+def prompt_sha(question: str, context: str) -> str:
+    "Content address of one answer request (question + formatted context); the generator settings are in the cache's name."
+    return hashlib.sha256(f"{question}\0{context}".encode()).hexdigest()
+
+def _keep(memory: OrderedDict, key, value, limit: int) -> None:
+    "Put `key` in a bounded memory, newest last; the oldest entries go past `limit`."
+    if limit <= 0: return
+    memory[key] = value; memory.move_to_end(key)
+    while len(memory) > limit: memory.popitem(last=False)
+
 async def _aiter_chat(client, batch, **kw):
     "`(index, answer)` pairs as they complete (clients without `aiter_chat`: all at once, after `achat`)."
     if hasattr(client, 'aiter_chat'):
@@ -55,18 +65,20 @@ class AnswerGrader:
     def __init__(self, generator, judge=None, accuracy: str = 'genacc', max_tokens: int = 64, max_verdicts: int = 200_000):
         if accuracy not in ('genacc', 'span', 'judge', 'em'): raise ValueError(f"unknown accuracy {accuracy!r}")
         self.generator, self.judge, self.accuracy, self.max_tokens = generator, judge or generator, accuracy, max_tokens
-        self.calls = {'answer': 0, 'judge': 0, 'answer_coalesced': 0, 'judge_coalesced': 0, 'judge_reused': 0,
-                      'answer_from_rag': 0}
+        self.calls = {'answer': 0, 'judge': 0, 'answer_coalesced': 0, 'judge_coalesced': 0, 'answer_reused': 0,
+                      'judge_reused': 0}
         self._judging: dict = {}  # judge requests in flight, by content: concurrent duplicates share one call
-        self._verdicts: OrderedDict = OrderedDict()  # parsed verdicts by judge input, newest last (bounded)
+        self._verdicts: OrderedDict = OrderedDict()  # parsed verdicts by judge input (bounded)
+        self._answers: OrderedDict = OrderedDict()  # known answers by `prompt_sha` of the request (bounded)
         self.max_verdicts = max_verdicts
 
     def remember(self, question: str, prediction: str, golds: Sequence[str], verdict: bool | None) -> None:
         "Keep the judge's verdict on this exact input (a later identical judge question is answered without a call)."
-        if verdict is None or self.max_verdicts <= 0: return
-        key = (question, prediction, tuple(golds))
-        self._verdicts[key] = bool(verdict); self._verdicts.move_to_end(key)
-        while len(self._verdicts) > self.max_verdicts: self._verdicts.popitem(last=False)
+        if verdict is not None: _keep(self._verdicts, (question, prediction, tuple(golds)), bool(verdict), self.max_verdicts)
+
+    def remember_answer(self, request_sha: str, answer: str) -> None:
+        "Keep the generator's answer to the request with this `prompt_sha` (a later identical request needs no call; it is graded as usual)."
+        _keep(self._answers, request_sha, answer, self.max_verdicts)
 
     async def _judge_one(self, q, p, g):
         self.calls['judge'] += 1
@@ -98,21 +110,27 @@ class AnswerGrader:
         if not questions: return []
         uniq: dict = {}  # (question, context) -> the rows that ask it
         for i, (q, c) in enumerate(zip(questions, contexts)): uniq.setdefault((q, c), []).append(i)
-        keys = list(uniq)
+        known = {qc: a for qc in uniq if (a := self._answers.get(prompt_sha(*qc))) is not None} if self._answers else {}
+        keys = [qc for qc in uniq if qc not in known]
         self.calls['answer'] += len(keys)
-        self.calls['answer_coalesced'] += len(questions) - len(keys)
+        self.calls['answer_coalesced'] += len(questions) - len(uniq)
+        self.calls['answer_reused'] += sum(len(uniq[qc]) for qc in known)
         use_judge, use_span = self.accuracy in ('genacc', 'judge'), self.accuracy != 'judge'
         answers, res = [None] * len(questions), [None] * len(questions)
         async def grade(i, a):
             res[i] = (await agenacc_batch([a], [golds[i]], self._judge_batch if use_judge else None,
                                           questions=[questions[i]], use_span=use_span))[0]
         pending = []
+        def answered(qc, a):
+            for i in uniq[qc]:
+                answers[i] = a
+                pending.append(asyncio.ensure_future(grade(i, a)))
         try:
-            async for k, a in _aiter_chat(self.generator, [answer_messages(q, c) for q, c in keys],
-                                          temperature=0.0, max_tokens=self.max_tokens):
-                for i in uniq[keys[k]]:
-                    answers[i] = a
-                    pending.append(asyncio.ensure_future(grade(i, a)))
+            for qc, a in known.items(): answered(qc, a)
+            if keys:
+                async for k, a in _aiter_chat(self.generator, [answer_messages(q, c) for q, c in keys],
+                                              temperature=0.0, max_tokens=self.max_tokens):
+                    answered(keys[k], a)
             await asyncio.gather(*pending)
         finally:
             for t in pending: t.cancel()
@@ -124,10 +142,6 @@ class AnswerGrader:
         return Graded(answer, r['span'], r['judge'], r['judged'], r['genacc'], r['em'], r['f1'], float(acc))
 
 # %% ../nbs/api/30_reward.ipynb #0015
-def prompt_sha(question: str, context: str) -> str:
-    "Content address of one answer request (question + formatted context); the generator settings are in the cache's name."
-    return hashlib.sha256(f"{question}\0{context}".encode()).hexdigest()
-
 def _docs_of(hits) -> list[dict]:
     return [h['document'] if isinstance(h, dict) and 'document' in h else h for h in hits]
 
@@ -197,21 +211,14 @@ class GBRReward:
     async def ascore(self, items: Sequence[RewardItem]) -> list[dict]:
         "One dict per item: reward, acc_s3, acc_rag, the s3 answer and its grades, the mode."
         if not items: return []
-        contexts = [format_docs(it.docs) for it in items]
-        known = self.baseline.peek([it.id for it in items])
-        for k in known:  # the judge's verdicts on the RAG answers: an s3 answer equal to one needs no judge call
-            if k and k.get('judged') and k.get('answer') is not None:
-                self.grader.remember(k['question'], k['answer'], k['golden_answers'], k.get('judge'))
-        # D_s3 == D_RAG (the same question and context text): the cached RAG answer is this request's answer
-        same = [bool(k) and k.get('prompt_sha') == prompt_sha(it.question, c) for it, k, c in zip(items, known, contexts)]
-        todo = [i for i, s in enumerate(same) if not s]
-        s3_task = self.grader.agrade([items[i].question for i in todo], [items[i].golden_answers for i in todo],
-                                     [contexts[i] for i in todo])
+        for k in self.baseline.peek([it.id for it in items]):  # what the cached RAG requests already answered
+            if not k or k.get('answer') is None: continue
+            if k.get('prompt_sha'): self.grader.remember_answer(k['prompt_sha'], k['answer'])  # D_s3 == D_RAG: no call
+            if k.get('judged'): self.grader.remember(k['question'], k['answer'], k['golden_answers'], k.get('judge'))
+        s3_task = self.grader.agrade([it.question for it in items], [it.golden_answers for it in items],
+                                     [format_docs(it.docs) for it in items])
         rag_task = self.baseline.aget([it.id for it in items], [it.question for it in items], [it.golden_answers for it in items])
-        fresh, rag = await asyncio.gather(s3_task, rag_task)
-        graded = [self.grader.graded(k['answer'], k) if s else None for k, s in zip(known, same)]
-        for i, g in zip(todo, fresh): graded[i] = g
-        self.grader.calls['answer_from_rag'] += len(items) - len(todo)
+        graded, rag = await asyncio.gather(s3_task, rag_task)
         return [{'id': it.id, 'reward': gbr(g.acc, r['acc'], self.mode), 'acc_s3': g.acc, 'acc_rag': float(r['acc']),
                  'mode': self.mode, **{f's3_{k}': v for k, v in asdict(g).items()}} for it, g, r in zip(items, graded, rag)]
 

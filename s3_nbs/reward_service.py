@@ -7,14 +7,14 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/reward_service.html.md"""
 # %% ../nbs/api/31_reward_service.ipynb #0003
 from __future__ import annotations
 import asyncio, json, os, time, weakref
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from .config import get_logger
 from .generator import run_sync
 from .retrieval import RetrievalClient, RetrievalError
 from .reward import GBRReward, RagCacheMiss, RewardItem
-from .server import RequestError, _is_json_type, _is_loopback, add_error_handlers, bearer_auth, render_json
+from .server import RequestError, _is_json_type, _is_loopback, add_error_handlers, bearer_auth, read_body, render_json
 
 # %% auto #0
 __all__ = ['MAX_ITEMS', 'MAX_DOCS', 'parse_reward_item', 'parse_score_request', 'item_json', 'RewardBatcher', 'reward_app',
@@ -161,13 +161,7 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
     async def score(request: Request):
         "GBR rewards for a list of rollouts."
         check_auth(request)
-        n = request.headers.get('content-length')
-        if n is not None and n.isdigit() and int(n) > max_body_bytes:
-            raise RequestError(413, f"the body has {int(n)} bytes, more than the limit of {max_body_bytes}", 'body')
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise RequestError(413, f"the body has {len(body)} bytes, more than the limit of {max_body_bytes}", 'body')
-        items = parse_score_request(body, request.headers.get('content-type'), max_items)
+        items = parse_score_request(await read_body(request, max_body_bytes), request.headers.get('content-type'), max_items)
         if reward.baseline.retriever is None:
             missing = [it.id for it, k in zip(items, reward.baseline.peek([it.id for it in items])) if k is None]
             if missing:

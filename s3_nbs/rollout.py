@@ -142,7 +142,7 @@ class _PrefixTable:
     """Token-id arrays, each with a payload; `best(ctx)` finds the one sharing the longest prefix with `ctx` in one
     vectorised comparison (rows padded with -1, which no token id equals)."""
     def __init__(self, items=()):
-        self._m, self._lens, self._kv = np.full((0, 0), -1, dtype=np.int32), [], []
+        self._m, self._kv = np.full((0, 0), -1, dtype=np.int32), []
         for ids, kv in items: self.add(ids, kv)
 
     def __len__(self): return len(self._kv)
@@ -156,7 +156,7 @@ class _PrefixTable:
             m[:rows, :width] = self._m
             self._m = m
         self._m[n, :len(ids)] = ids
-        self._lens.append(len(ids)); self._kv.append(kv)
+        self._kv.append(kv)
 
     def best(self, ctx) -> tuple:
         "`(n, payload)` of the entry with the longest common prefix `n` with `ctx`; `(0, None)` when none shares a token."

@@ -21,8 +21,8 @@ from .config import get_logger
 # %% auto #0
 __all__ = ['EXAMPLE_BODY', 'RequestError', 'RetrieveRequest', 'parse_retrieve_request', 'LRUCache', 'format_result',
            'render_json', 'DocJSON', 'render_rows', 'render_result', 'retriever_kind', 'QueueFullError', 'MicroBatcher',
-           'retriever_info', 'bearer_auth', 'add_error_handlers', 'create_app', 'baseline_app', 'ServerThread',
-           'load_retrievers', 'serve']
+           'retriever_info', 'read_body', 'bearer_auth', 'add_error_handlers', 'create_app', 'baseline_app',
+           'ServerThread', 'load_retrievers', 'serve']
 
 # %% ../nbs/api/11_server.ipynb #0008
 class RequestError(Exception):
@@ -319,6 +319,16 @@ def retriever_info(retriever) -> dict:
     return dict(kind=retriever_kind(retriever), count=count, encoder=m.get('encoder') or getattr(enc, 'name', None),
                 index_type=m.get('index_type'), backend=m.get('backend'))
 
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    "The request body, refused with `RequestError` 413 when it is over `max_bytes` (by its Content-Length, then as read)."
+    n = request.headers.get('content-length')
+    if n is not None and n.isdigit() and int(n) > max_bytes:
+        raise RequestError(413, f"the body has {int(n)} bytes, more than the limit of {max_bytes}", 'body')
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise RequestError(413, f"the body has {len(body)} bytes, more than the limit of {max_bytes}", 'body')
+    return body
+
 def bearer_auth(token: str | None):
     "A request check that raises `RequestError` 401 unless the request carries `Authorization: Bearer <token>` (no check when `token` is None)."
     def check(request: Request) -> None:
@@ -378,13 +388,7 @@ def create_app(retrievers: Mapping[str, Any] | Any, default: str | None = None, 
 
     async def handle(request: Request, name: str | None) -> Response:
         check_auth(request)
-        n = request.headers.get('content-length')
-        if n is not None and n.isdigit() and int(n) > max_body_bytes:
-            raise RequestError(413, f"the body has {int(n)} bytes, more than the limit of {max_body_bytes}", 'body')
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise RequestError(413, f"the body has {len(body)} bytes, more than the limit of {max_body_bytes}", 'body')
-        req = parse_retrieve_request(body, request.headers.get('content-type'), default_topk=default_topk,
+        req = parse_retrieve_request(await read_body(request, max_body_bytes), request.headers.get('content-type'), default_topk=default_topk,
                                      max_topk=max_topk, max_queries=max_queries, max_query_chars=max_query_chars,
                                      retrievers=list(retrievers))
         if name is not None and req.retriever is not None and req.retriever != name:

@@ -84,7 +84,7 @@ def test_rag_context_needs_no_generator_call(service):
     res = r.json()['results'][0]
     assert (res['s3_answer'], res['acc_s3'], res['acc_rag'], res['reward']) == ('red', 1.0, 1.0, 0.0)
     after = httpx.get(f'{url}/health').json()['calls']
-    assert after['answer_from_rag'] == before['answer_from_rag'] + 1 and after['answer'] == before['answer']
+    assert after['answer_reused'] == before['answer_reused'] + 1 and after['answer'] == before['answer']
 
 
 def test_malformed_requests_get_4xx_then_service_goes_on(service):
