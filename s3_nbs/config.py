@@ -61,6 +61,9 @@ class DataConfig:
     eval_datasets: tuple = ('nq', 'triviaqa', 'popqa', 'hotpotqa', '2wikimultihopqa', 'musique')  # evaluation sets
     max_eval_per_dataset: int = 3000  # sample at most this many test questions per set (original scripts: 3000)
     n_train: int = 0  # training examples to sample after filtering (0 = all)
+    drop_yes_no: bool = True  # training set: drop questions whose gold answers are yes/no/true/false (the original)
+    drop_rag_correct: bool = True  # training set: drop questions naive RAG already answers (cache accuracy 1; the original)
+    question_mark: bool = True  # end every question with '?' when it lacks one, as the original formats them
 
 @dataclass(frozen=True)
 class RetrievalConfig:
@@ -83,7 +86,9 @@ class GeneratorConfig:
     api_key_env: str = 'OPENAI_API_KEY'  # environment variable holding the API key (never in YAML)
     judge_model: str = ''  # judge model (empty = same as `model`)
     temperature: float = 0.0  # the generator answers greedily
-    max_tokens: int = 64  # answer length cap
+    max_tokens: int = 500  # answer length cap (the original: 500; the CPU configs use less, see README)
+    prompts: str = 'original'  # original: the original's generator/judge meaning (judge sees no question) | v1: our first wording
+    judge_retries: int = 1  # extra judge calls when a reply has neither yes nor no (the original: 1)
     concurrency: int = 16  # concurrent requests
     timeout_s: float = 60.0  # per-request timeout
     max_retries: int = 4  # retries with exponential backoff
@@ -94,7 +99,8 @@ class SearcherConfig:
     model: str = 'smollm2-135m-instruct'  # policy model (paper: Qwen2.5-7B-Instruct)
     retrieved_per_search: int = 8  # X: documents retrieved per <query>
     max_selected: int = 3  # Y: documents that may be selected from one <information> block
-    max_turns: int = 3  # Z: search turns
+    max_turns: int = 3  # Z: search turns, the Z of X-Y-Z; how many generation steps that allows is `turn_budget`
+    turn_budget: str = 'original'  # original: Z+1 steps that may search, then one final step that may not (<= Z+2 steps) | strict: Z steps that may search, then the final step
     initial_topk: int = 3  # documents of the begin-with-search step (D0)
     begin_with_search: bool = True  # put D0 in the first prompt (paper ablation: removing it hurts)
     max_obs_tokens: int = 1400  # cap on each <information> observation
@@ -103,7 +109,9 @@ class SearcherConfig:
     max_initial_prompt_tokens: int = 2000  # initial prompt kept
     temperature: float = 0.6  # rollout sampling temperature (evaluation is greedy)
     top_p: float = 0.95  # rollout nucleus sampling
-    unselected_block_contributes_all: bool = False  # the original's quirk: a block with no selection adds all its docs
+    unselected_block_contributes_all: bool = True  # the original: a block with no selection adds all its docs to D_s3 (False: strict, nothing)
+    feedback: str = 'open_query'  # invalid-turn feedback: open_query (the original: ends with an open <query> tag; `terms</query>` then counts as a query) | ask_action (asks for an action, no open tag)
+    drop_eos: bool = True  # the original: an end-of-turn token that ends a continuing turn is dropped (one continuous assistant turn)
     prompt_template: str = ''  # path to a replacement prompt template (empty = built-in)
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class RewardConfig:
     "The Gain-Beyond-RAG reward."
     mode: str = 'gbr'  # gbr (paper Eq. 1: Acc(s3) - Acc(RAG)) | gbr_plus_acc (the original code: GBR + Acc(s3))
     accuracy: str = 'genacc'  # genacc (span OR judge) | span | judge | em
+    judge_min_precision: float = 0.0  # a judge whose measured precision is lower is not trusted: accuracy falls back to span (0 = always trust)
     kl_coef: float = 0.001  # fixed KL penalty inside the reward
 
 @dataclass(frozen=True)
@@ -159,6 +168,9 @@ CHOICES = {
     'generator.backend': ('transformers', 'openai'),
     'reward.mode': ('gbr', 'gbr_plus_acc'),
     'reward.accuracy': ('genacc', 'span', 'judge', 'em'),
+    'generator.prompts': ('original', 'v1'),
+    'searcher.turn_budget': ('original', 'strict'),
+    'searcher.feedback': ('open_query', 'ask_action'),
     'train.algorithm': ('ppo', 'grpo'),
     'train.backend': ('local', 'verl'),
 }
