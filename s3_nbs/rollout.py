@@ -6,17 +6,18 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/rollout.html.md"""
 
 # %% ../nbs/api/41_rollout.ipynb #0003
 from __future__ import annotations
-import asyncio, collections, concurrent.futures, contextlib, inspect, math, os, time
+import asyncio, collections, concurrent.futures, contextlib, inspect, json, math, os, time
 from typing import Any, Iterable, Mapping, Sequence
 import httpx
 import numpy as np
 from .config import SearcherConfig, get_logger
 from .searcher import (STOP, Generation, PromptTemplate, SearchResult, Trajectory, cut_generation, load_template,
-                             token_pieces)
+                             search_steps, token_pieces)
 
 # %% auto #0
 __all__ = ['GQA_ATTENTION', 'RETRY_STATUS', 'gqa_sdpa_attention', 'register_gqa_attention', 'gqa_attention', 'HFPolicy',
-           'OpenAIPolicy', 'run_sync', 'arun_searcher', 'run_searcher', 'collate', 'summarize']
+           'OpenAIPolicy', 'run_sync', 'arun_searcher', 'run_searcher', 'collate', 'summarize', 'turn_report',
+           'turn_table']
 
 # %% ../nbs/api/41_rollout.ipynb #0006
 _log = get_logger('s3_nbs.rollout')
@@ -498,7 +499,7 @@ async def arun_searcher(questions: Sequence, policy, retriever, tokenizer=None, 
         if cfg.begin_with_search: st['retrieve_s'] += time.perf_counter() - t; st['retrieve_calls'] += 1
         trajs = [Trajectory(e['question'], tok, cfg, d, template, id=e['id'], golden_answers=e['golden_answers'],
                             dataset=e['dataset']) for e, d in zip(chunk, d0)]
-        for step in range(cfg.max_turns + 1):
+        for step in range(search_steps(cfg) + 1):  # the steps that may search, then the final one
             rows = [(tr, tr.step_budget()) for tr in trajs if not tr.done]
             rows = [(tr, b) for tr, b in rows if b > 0]
             if not rows: break
@@ -562,4 +563,36 @@ def summarize(results: Sequence[SearchResult]) -> dict:
         invalid_turns=sum(r.n_invalid for r in results), invalid_rate=round(sum(r.n_invalid for r in results) / turns, 4) if turns else 0.0,
         finish=hist(r.finish_reason for r in results), empty_context=sum(not r.context_docs for r in results),
         mean_generated_tokens=mean([r.generated_tokens for r in results]), mean_response_tokens=mean([r.response_tokens for r in results]),
-        mean_prompt_tokens=mean([r.prompt_tokens for r in results]))
+        mean_prompt_tokens=mean([r.prompt_tokens for r in results]), **turn_report(results))
+
+def turn_report(results: Sequence[SearchResult]) -> dict:
+    """Why turns went wrong: per turn index, the action kinds, why generation stopped (`stop` = `</query>`, `eos`,
+    `length` = the step budget) and the invalid rate; the first turn apart from later ones; invalid rates per
+    trajectory; end-of-turn tokens dropped; and the protocol settings the results ran under."""
+    turns = [t for r in results for t in r.turns]
+    rate = lambda ts: round(sum(t['kind'] == 'invalid' for t in ts) / len(ts), 4) if ts else 0.0
+    by_turn = {}
+    for i in sorted({t['index'] for t in turns}):
+        ts = [t for t in turns if t['index'] == i]
+        by_turn[i] = dict(n=len(ts), invalid_rate=rate(ts), kind=dict(collections.Counter(t['kind'] for t in ts)),
+                          finish=dict(collections.Counter(t['finish'] for t in ts)),
+                          final=sum(t['final'] for t in ts), eos_dropped=sum(bool(t.get('eos_dropped')) for t in ts))
+    n = len(results)
+    protocols = {json.dumps(r.protocol, sort_keys=True) for r in results if r.protocol}
+    return dict(by_turn=by_turn, invalid_rate_first_turn=rate([t for t in turns if t['index'] == 1]),
+                invalid_rate_later_turns=rate([t for t in turns if t['index'] > 1]),
+                turn_finish=dict(collections.Counter(t['finish'] for t in turns)),
+                trajectories_with_invalid=round(sum(r.n_invalid > 0 for r in results) / n, 4) if n else 0.0,
+                trajectories_all_invalid=round(sum(r.n_turns > 0 and r.n_invalid == r.n_turns for r in results) / n, 4) if n else 0.0,
+                eos_dropped=sum(bool(t.get('eos_dropped')) for t in turns),
+                protocol=json.loads(protocols.pop()) if len(protocols) == 1 else sorted(protocols) or None)
+
+def turn_table(results: Sequence[SearchResult]):
+    "`turn_report`'s per-turn part as a DataFrame: one row per turn index, action kinds and finish reasons as columns."
+    import pandas as pd
+    rows = []
+    for i, d in turn_report(results)['by_turn'].items():
+        rows.append({'turn': i, 'n': d['n'], 'final': d['final'], **{f'kind:{k}': v for k, v in d['kind'].items()},
+                     **{f'finish:{k}': v for k, v in d['finish'].items()}, 'invalid_rate': d['invalid_rate'],
+                     'eos_dropped': d['eos_dropped']})
+    return pd.DataFrame(rows).set_index('turn').fillna(0) if rows else pd.DataFrame()

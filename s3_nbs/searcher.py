@@ -15,11 +15,13 @@ from .config import SearcherConfig
 from .corpus import format_docs, split_contents
 
 # %% auto #0
-__all__ = ['DEFAULT_PROMPT', 'DEFAULT_FEEDBACK', 'DEFAULT_LAST_TURN', 'NO_DOCUMENTS', 'PLACEHOLDERS', 'MIN_DOC_TOKENS', 'STOP',
-           'TRUE_VALUES', 'MAX_ID_DIGITS', 'MIN_STEP_TOKENS', 'OBS_RESERVE', 'OBS_OPEN', 'OBS_CLOSE', 'PromptTemplate',
+__all__ = ['DEFAULT_PROMPT', 'OPEN_QUERY_FEEDBACK', 'ASK_ACTION_FEEDBACK', 'FEEDBACK_STYLES', 'DEFAULT_FEEDBACK',
+           'DEFAULT_LAST_TURN', 'NO_DOCUMENTS', 'PLACEHOLDERS', 'MIN_DOC_TOKENS', 'STOP', 'TRUE_VALUES',
+           'MAX_ID_DIGITS', 'MIN_STEP_TOKENS', 'OBS_RESERVE', 'OBS_OPEN', 'OBS_CLOSE', 'PromptTemplate',
            'load_template', 'as_document', 'doc_lines', 'doc_key', 'fit_doc_lines', 'tag_contents', 'is_true',
            'parse_query', 'Action', 'select_ids', 'parse_action', 'check_action', 'Generation', 'token_pieces',
-           'cut_generation', 'Block', 'Turn', 'Trajectory', 'SearchResult', 'check_masks', 'replay_transcript']
+           'cut_generation', 'Block', 'Turn', 'search_steps', 'Trajectory', 'SearchResult', 'check_masks',
+           'check_end_of_turn', 'replay_transcript']
 
 # %% ../nbs/api/40_searcher.ipynb #0007
 DEFAULT_PROMPT = """You are the search assistant of a question-answering system. You never answer the question yourself: \
@@ -50,8 +52,12 @@ Documents already retrieved for the question:
 {documents}
 </information>"""
 
-DEFAULT_FEEDBACK = ("That turn had no action I could run. Finish with <search_complete>True</search_complete>, or "
-                    "search with <query>{\"query\": \"your search terms\"}</query>.")
+OPEN_QUERY_FEEDBACK = ("These documents do not answer the question yet, so I will search again with a new query, "
+                       "written as JSON inside the query tags:\n<query>")
+ASK_ACTION_FEEDBACK = ("That turn had no action I could run. Finish with <search_complete>True</search_complete>, or "
+                       "search with <query>{\"query\": \"your search terms\"}</query>.")
+FEEDBACK_STYLES = {'open_query': OPEN_QUERY_FEEDBACK, 'ask_action': ASK_ACTION_FEEDBACK}  # `searcher.feedback`
+DEFAULT_FEEDBACK = OPEN_QUERY_FEEDBACK
 DEFAULT_LAST_TURN = ("You have no searches left. Select the useful documents of the last search with "
                      "<important_info>[...]</important_info> and finish with <search_complete>True</search_complete>.")
 NO_DOCUMENTS = "(no documents)"
@@ -62,8 +68,12 @@ class PromptTemplate:
     "The searcher's wording: the user prompt, an optional system message, the invalid-turn feedback and the last-turn note."
     prompt: str = DEFAULT_PROMPT  # user message with {question}, {documents}, {retrieved_per_search}, {max_selected}, {max_turns}
     system: str = ''  # system message ('' = none; a chat template may add its default)
-    feedback: str = DEFAULT_FEEDBACK  # appended (loss mask 0) after a turn with neither a query nor search_complete=true
+    feedback: str = ''  # appended (loss mask 0) after a turn with neither a query nor search_complete=true ('' = the `searcher.feedback` style)
     last_turn: str = DEFAULT_LAST_TURN  # appended (loss mask 0) before the final, selection-only turn ('' = nothing)
+
+    def feedback_text(self, cfg: SearcherConfig | None = None) -> str:
+        "The invalid-turn feedback: the template's own, else the style `cfg.feedback` names."
+        return self.feedback or FEEDBACK_STYLES[(cfg or SearcherConfig()).feedback]
 
     def render(self, question: str, documents: str, cfg: SearcherConfig | None = None) -> str:
         "The user prompt with its placeholders replaced."
@@ -200,15 +210,17 @@ def select_ids(contents: Iterable[str], n_latest: int | None, max_selected: int 
     return kept, dropped
 
 def parse_action(text: str, n_latest: int | None = None, max_selected: int | None = None,
-                 already: Sequence[int] = ()) -> Action:
+                 already: Sequence[int] = (), open_query: bool = False) -> Action:
     """Parse one generated turn with the rules of s3.md section 2, item 3. `n_latest`: documents shown in the latest
-    search block (None/0: no block yet); `max_selected`: Y; `already`: ids already selected from that block."""
+    search block (None/0: no block yet); `max_selected`: Y; `already`: ids already selected from that block;
+    `open_query`: the context before the turn ends with an open `<query>` tag (the invalid-turn feedback), so
+    `terms</query>` is a query."""
     if not isinstance(text, str): text = bytes(text).decode('utf-8', 'replace') if isinstance(text, (bytes, bytearray)) else str(text)
     cut = text.find(STOP)
     kept, discarded = (text, '') if cut < 0 else (text[:cut + len(STOP)], text[cut + len(STOP):])
     flags = [is_true(v) for v in tag_contents(kept, 'search_complete')]
     complete = any(flags) if flags else None
-    queries = tag_contents(kept, 'query')
+    queries = tag_contents(('<query>' if open_query else '') + kept, 'query')
     query = parse_query(queries[-1]) if queries else None
     selected, dropped = select_ids(tag_contents(kept, 'important_info'), n_latest, max_selected, already)
     kind = 'complete' if complete else 'search' if query else 'invalid'
@@ -305,13 +317,24 @@ class Turn:
     block: int | None  # 0-based index of the latest block when the turn was written
     dropped: list  # ids written but not kept
     finish: str  # why generation stopped: 'stop' | 'eos' | 'length'
-    n_generated: int  # tokens generated
+    n_generated: int  # tokens generated and kept (an end-of-turn token dropped by `drop_eos` is not counted)
     n_appended: int = 0  # observation / feedback / note tokens appended after it
     note: str = ''  # e.g. why a query was ignored
+    eos_dropped: bool = False  # the turn ended on an end-of-turn token that was dropped because the trajectory went on
+    open_query: bool = False  # the turn followed feedback ending with an open <query> tag
 
     def to_dict(self) -> dict: return asdict(self)
 
 # %% ../nbs/api/40_searcher.ipynb #0034
+def search_steps(cfg: SearcherConfig) -> int:
+    """Generation steps that may search under `cfg.turn_budget`: `original` = Z + 1 (the original code's budget),
+    `strict` = Z. One final step without search follows them, so a trajectory has at most that + 1 steps."""
+    return cfg.max_turns + (1 if cfg.turn_budget == 'original' else 0)
+
+def _opens_query(text: str) -> bool:
+    "True when `text` ends with an open `<query>` tag (the model then only writes the query and `</query>`)."
+    return text.rstrip().endswith('<query>')
+
 class Trajectory:
     "One question's searcher rollout as token ids, with structural blocks, selections, budgets and masks."
     def __init__(self, question: str, tokenizer, cfg: SearcherConfig | None = None, d0: Sequence[Mapping] | None = None,
@@ -331,6 +354,8 @@ class Trajectory:
         self.blocks: list[Block] = []
         self.turns: list[Turn] = []
         self.done, self.finish_reason, self.pending_query = False, None, None
+        self.feedback = self.template.feedback_text(self.cfg)
+        self._open_query = False  # the last appended feedback ends with an open <query> tag
 
     # -- prompt --------------------------------------------------------------------------------------------------
     def _render(self, docs_text: str) -> tuple[str, list[int]]:
@@ -364,9 +389,13 @@ class Trajectory:
     @property
     def room(self) -> int: return self.cfg.max_context_tokens - len(self.prompt_ids) - len(self.response_ids)
     @property
+    def search_steps(self) -> int:
+        "Generation steps that may search (`search_steps(cfg)`); one final step follows them."
+        return search_steps(self.cfg)
+    @property
     def is_final_step(self) -> bool:
-        "True when the next step is the selection-only step (all Z search turns used)."
-        return len(self.turns) >= self.cfg.max_turns
+        "True when the next step is the selection-only step (every search-capable step used)."
+        return len(self.turns) >= self.search_steps
     @property
     def n_searches(self) -> int: return len(self.blocks)
 
@@ -390,23 +419,38 @@ class Trajectory:
         if self.room < min(MIN_STEP_TOKENS, self.cfg.max_step_tokens): self.finish('context_full'); return 0
         return min(self.cfg.max_step_tokens, self.room)
 
-    def _note_ids(self) -> list[int]:
-        "The last-turn note, when the next step will be the final one."
-        return _encode(self.tok, self.template.last_turn + '\n\n') if self.is_final_step and self.template.last_turn else []
+    def _note_ids(self, ahead: int = 0) -> list[int]:
+        "The last-turn note, when the next step will be the final one (`ahead`: turns about to be recorded)."
+        final = len(self.turns) + ahead >= self.search_steps
+        return _encode(self.tok, self.template.last_turn + '\n\n') if final and self.template.last_turn else []
 
     # -- transitions ---------------------------------------------------------------------------------------------
     def add_generation(self, gen: Generation) -> Turn:
-        "Append one step's generated ids (mask 1) and apply the parsed action; returns the `Turn`."
+        """Append one step's generated ids (mask 1) and apply the parsed action; returns the `Turn`. When the step ended
+        on an end-of-turn token and the trajectory goes on, that token is dropped (`drop_eos`): the search stays one
+        continuous assistant turn."""
         if self.done: raise RuntimeError("the trajectory is finished")
         if self.pending_query is not None: raise RuntimeError("add_observation must follow a search turn")
-        final = self.is_final_step
+        final, open_q = self.is_final_step, self._open_query
+        self._open_query = False
         latest = self.blocks[-1] if self.blocks else None
         text = self.tok.decode(gen.ids, skip_special_tokens=True)
-        a = parse_action(text, latest.n_shown if latest else None, self.cfg.max_selected, latest.selected if latest else ())
+        a = parse_action(text, latest.n_shown if latest else None, self.cfg.max_selected, latest.selected if latest else (),
+                         open_query=open_q)
         if latest: latest.selected += a.selected
-        self._append(gen.ids, 'gen', gen.logprobs)
+        fb = note = []
+        ends = a.kind == 'complete' or final
+        if a.kind == 'invalid' and not final:  # feedback, and the last-turn note when the next step is the final one
+            fb = _encode(self.tok, '\n\n' + self.feedback + ('\n' if _opens_query(self.feedback) else '\n\n')) if self.feedback else []
+            note = [] if _opens_query(self.feedback) else self._note_ids(ahead=1)  # a note after an open <query> would break it
+            ends = len(fb) + len(note) > self.room - len(gen.ids) - MIN_STEP_TOKENS
+        ids, lps = list(gen.ids), gen.logprobs
+        dropped = bool(self.cfg.drop_eos and not ends and gen.finish == 'eos' and ids)
+        if dropped: ids, lps = ids[:-1], (None if lps is None else list(lps)[:-1])
+        self._append(ids, 'gen', lps)
         turn = Turn(len(self.turns) + 1, a.kind, final, text, a.query, False, a.complete, a.selected,
-                    len(self.blocks) - 1 if latest else None, a.dropped, gen.finish, len(gen.ids))
+                    len(self.blocks) - 1 if latest else None, a.dropped, gen.finish, len(ids), eos_dropped=dropped,
+                    open_query=open_q)
         self.turns.append(turn)
         if a.kind == 'complete':
             if a.query: turn.note = 'query ignored: search_complete is true'
@@ -415,13 +459,11 @@ class Trajectory:
         elif final:
             if a.kind == 'search': turn.note = 'query ignored: no searches left'
             self.finish('max_turns')
-        else:  # invalid: feedback (+ the last-turn note when the next step is the final one)
-            fb = _encode(self.tok, '\n\n' + self.template.feedback + '\n\n') if self.template.feedback else []
-            note = self._note_ids()
-            if len(fb) + len(note) > self.room - MIN_STEP_TOKENS: self.finish('context_full')
-            else:
-                self._append(fb, 'feedback'); self._append(note, 'note')
-                turn.n_appended = len(fb) + len(note)
+        elif ends: self.finish('context_full')
+        else:
+            self._append(fb, 'feedback'); self._append(note, 'note')
+            turn.n_appended = len(fb) + len(note)
+            self._open_query = _opens_query(self.feedback)
         return turn
 
     def add_observation(self, hits: Sequence[Mapping]) -> Block | None:
@@ -459,6 +501,14 @@ class Trajectory:
             for i in ids: add(blk.docs[i - 1], {'block': b, 'turn': blk.turn, 'rank': i})
         return out
 
+    def protocol(self) -> dict:
+        "The protocol settings this trajectory ran under (recorded with every result)."
+        c = self.cfg
+        return dict(xyz=f"{c.retrieved_per_search}-{c.max_selected}-{c.max_turns}", turn_budget=c.turn_budget,
+                    search_steps=self.search_steps, feedback=c.feedback if not self.template.feedback else 'template',
+                    unselected_block_contributes_all=c.unselected_block_contributes_all, drop_eos=c.drop_eos,
+                    begin_with_search=c.begin_with_search)
+
     def result(self) -> SearchResult:
         "The per-question record (finishes the trajectory with 'max_turns' if it is still open)."
         if not self.done: self.finish('max_turns')
@@ -470,7 +520,7 @@ class Trajectory:
             context_docs=docs, context_sources=[s for _, s in ctx], context=format_docs(docs), d0=list(self.d0),
             blocks=[b.to_dict() for b in self.blocks], turns=[t.to_dict() for t in self.turns],
             finish_reason=self.finish_reason, n_turns=len(self.turns), n_searches=len(self.blocks),
-            n_invalid=sum(t.kind == 'invalid' for t in self.turns), prompt=self.prompt_text,
+            n_invalid=sum(t.kind == 'invalid' for t in self.turns), prompt=self.prompt_text, protocol=self.protocol(),
             trajectory=self.tok.decode(self.response_ids, skip_special_tokens=False),
             prompt_tokens=len(self.prompt_ids), response_tokens=len(self.response_ids), generated_tokens=gen,
             prompt_ids=list(self.prompt_ids), response_ids=list(self.response_ids), response_mask=list(self.response_mask),
@@ -508,6 +558,7 @@ class SearchResult:
     response_mask: list | None = None  # 1 on policy-generated tokens, 0 on observations / feedback / notes
     response_logprobs: list | None = None  # log-prob of each generated token (0.0 where the mask is 0)
     segments: list | None = None  # [kind, start, end] over response_ids
+    protocol: dict | None = None  # the protocol settings (`Trajectory.protocol`): turn budget, feedback, unselected blocks, EOS
 
     @property
     def queries(self) -> list[str]: return [b['query'] for b in self.blocks]
@@ -515,11 +566,14 @@ class SearchResult:
     def selections(self) -> list[list[int]]: return [b['selected'] for b in self.blocks]
     @property
     def observation_tokens(self) -> int: return self.response_tokens - self.generated_tokens
+    @property
+    def eos_dropped(self) -> int: return sum(bool(t.get('eos_dropped')) for t in self.turns)
 
     def to_dict(self, tokens: bool = True) -> dict:
         "A JSON-able dict (without the token arrays when `tokens` is False)."
         d = asdict(self)
-        d.update(queries=self.queries, selections=self.selections, observation_tokens=self.observation_tokens)
+        d.update(queries=self.queries, selections=self.selections, observation_tokens=self.observation_tokens,
+                 eos_dropped=self.eos_dropped)
         if not tokens:
             for k in ('prompt_ids', 'response_ids', 'response_mask', 'response_logprobs', 'segments'): d.pop(k)
         return d
@@ -548,8 +602,15 @@ def check_masks(r: SearchResult, generated: Sequence[Sequence[int]] | None = Non
     assert pos == n and r.response_mask == want
     assert all(lp == 0.0 for lp, m in zip(r.response_logprobs, r.response_mask) if not m)
     assert sum(r.response_mask) == r.generated_tokens == sum(t['n_generated'] for t in r.turns)
-    if generated is not None:
-        assert [i for i, m in zip(r.response_ids, r.response_mask) if m] == [i for g in generated for i in g]
+    if generated is not None:  # a turn whose end-of-turn token was dropped kept all but its last id
+        kept = [list(g)[:-1] if t.get('eos_dropped') else list(g) for g, t in zip(generated, r.turns)]
+        assert [i for i, m in zip(r.response_ids, r.response_mask) if m] == [i for g in kept for i in g]
+
+def check_end_of_turn(r: SearchResult, eos_ids: Iterable[int]):
+    "Assert that no end-of-turn token appears in the response except as its very last token."
+    eos = set(eos_ids)
+    at = [j for j, i in enumerate(r.response_ids) if i in eos]
+    assert not at or at == [len(r.response_ids) - 1], f"end-of-turn tokens inside the response at {at} of {len(r.response_ids)}"
 
 def replay_transcript(question: str, texts: Sequence[str], tokenizer, retriever, cfg: SearcherConfig | None = None,
                       template: PromptTemplate | None = None, **kw) -> Trajectory:
