@@ -52,11 +52,13 @@ test: setup
 test-all: setup
 	S3_TEST_FLAGS="slow service" $(BIN)/python -m pytest -q tests --runslow
 
-## check-clean: nbdev-export and nbdev-clean must leave the tree unchanged
+## check-clean: nbdev-export and nbdev-clean must succeed and leave every file's content unchanged
 check-clean: setup-main
-	@before=$$(git status --porcelain); \
-	$(BIN)/nbdev-export && $(BIN)/nbdev-clean; \
-	after=$$(git status --porcelain); \
+	@state() { git diff HEAD --binary | sha256sum; git ls-files -o --exclude-standard -z | xargs -0 -r sha256sum; }; \
+	before=$$(state); \
+	$(BIN)/nbdev-export || { echo "check-clean: nbdev-export failed"; exit 1; }; \
+	$(BIN)/nbdev-clean || { echo "check-clean: nbdev-clean failed"; exit 1; }; \
+	after=$$(state); \
 	if [ "$$before" != "$$after" ]; then echo "check-clean: nbdev-export/nbdev-clean changed files:"; git status --porcelain; exit 1; fi; \
 	echo "check-clean: notebooks clean and modules in sync"
 

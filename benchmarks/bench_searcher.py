@@ -113,7 +113,8 @@ def main(argv=None):
     rows = [min((r for r in runs if r['mode'] == m), key=lambda r: r['seconds']) for m in ('batched', 'sequential')
             if any(r['mode'] == m for r in runs)]
     out = dict(rows=rows, runs=runs, questions=len(qs), model=a.model, device=str(policy.model.device), dtype=str(policy.model.dtype), retriever=where,
-               config=dict(X=cfg.retrieved_per_search, Y=cfg.max_selected, Z=cfg.max_turns, max_step_tokens=cfg.max_step_tokens),
+               config=dict(X=cfg.retrieved_per_search, Y=cfg.max_selected, Z=cfg.max_turns, turn_budget=cfg.turn_budget,
+                           feedback=cfg.feedback, drop_eos=cfg.drop_eos, max_step_tokens=cfg.max_step_tokens),
                host=dict(platform=platform.platform(), cpus=os.cpu_count(), torch_threads=torch.get_num_threads()))
     if len(rows) == 2:
         out['speedup'] = round(rows[0]['trajectories_per_s'] / rows[1]['trajectories_per_s'], 2)

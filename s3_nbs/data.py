@@ -7,16 +7,17 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/data.html.md"""
 # %% ../nbs/api/01_data.ipynb #0003
 from __future__ import annotations
 import gzip, json, os, random, re
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 from .metrics import is_yes_no_answer
 
 # %% auto #0
-__all__ = ['FLASHRAG_REPO', 'MIRAGE_DATASETS', 'is_yes_no', 'DataFormatError', 'iter_jsonl', 'write_jsonl', 'QAExample',
-           'qa_from_record', 'read_qa_jsonl', 'write_qa_jsonl', 'qa_from_hf', 'load_flashrag_hf', 'format_mcq',
-           'read_mirage', 'drop_yes_no', 'load_rag_cache', 'drop_answered_by_rag', 'sample_examples',
-           'build_training_set']
+__all__ = ['FLASHRAG_REPO', 'MIRAGE_DATASETS', 'is_yes_no', 'MISSING_POLICIES', 'TRAINING_STEPS', 'DataFormatError', 'iter_jsonl',
+           'write_jsonl', 'QAExample', 'add_question_mark', 'qa_from_record', 'read_qa_jsonl', 'write_qa_jsonl',
+           'mark_qa_file', 'read_flashrag_folder', 'qa_from_hf', 'load_flashrag_hf', 'format_mcq', 'read_mirage',
+           'drop_yes_no', 'load_rag_cache', 'drop_answered_by_rag', 'sample_examples', 'build_training_set',
+           'flashrag_training_set']
 
 # %% ../nbs/api/01_data.ipynb #0007
 class DataFormatError(ValueError):
@@ -83,6 +84,12 @@ class QAExample:
                    dataset=d.get('dataset') or "", metadata=dict(d.get('metadata') or {}))
 
 # %% ../nbs/api/01_data.ipynb #0017
+def add_question_mark(question: str) -> str:
+    "The question stripped of surrounding whitespace, ending with `?` (appended only when missing, as the original does)."
+    q = question.strip()
+    return q if not q or q.endswith('?') else q + '?'
+
+# %% ../nbs/api/01_data.ipynb #0021
 _QA_KNOWN = ('id', 'question', 'golden_answers', 'answers', 'answer', 'dataset', 'data_source', 'metadata')
 
 def _answers_field(rec: Mapping) -> str | None:
@@ -106,8 +113,9 @@ def _as_answer_list(value, where, line, key) -> list[str]:
     return out
 
 def qa_from_record(rec: Mapping, dataset: str | None = None, index: int = 0, where='<record>',
-                   line: int | None = None) -> QAExample:
-    "Convert a FlashRAG or custom `{question, answer(s)}` record to a `QAExample` (errors name `where` and `line`)."
+                   line: int | None = None, question_mark: bool = False) -> QAExample:
+    """Convert a FlashRAG or custom `{question, answer(s)}` record to a `QAExample` (errors name `where` and `line`).
+    With `question_mark`, the question ends with `?` (`add_question_mark`)."""
     q = rec.get('question')
     if q is None: raise DataFormatError(where, line, "missing field 'question'", 'question')
     if not isinstance(q, str) or not q.strip():
@@ -126,40 +134,69 @@ def qa_from_record(rec: Mapping, dataset: str | None = None, index: int = 0, whe
     for k, v in rec.items():
         if k not in _QA_KNOWN: meta.setdefault(k, v)
     ds = dataset if dataset is not None else (rec.get('dataset') or rec.get('data_source') or "")
-    return QAExample(id=rid, question=q.strip(), golden_answers=answers, dataset=str(ds), metadata=meta)
+    q = add_question_mark(q) if question_mark else q.strip()
+    return QAExample(id=rid, question=q, golden_answers=answers, dataset=str(ds), metadata=meta)
 
-# %% ../nbs/api/01_data.ipynb #0020
-def read_qa_jsonl(path, dataset: str | None = None) -> list[QAExample]:
+# %% ../nbs/api/01_data.ipynb #0024
+def read_qa_jsonl(path, dataset: str | None = None, question_mark: bool = False) -> list[QAExample]:
     """Read a FlashRAG jsonl file (`{id, question, golden_answers, metadata}`) or a custom `{question, answer(s)}` file.
-    `dataset` names the set; when None it comes from each record's `dataset`/`data_source` field (else "")."""
+    `dataset` names the set; when None it comes from each record's `dataset`/`data_source` field (else "").
+    `question_mark`: end every question with `?` (`add_question_mark`)."""
     out, seen = [], {}
     for i, (n, rec) in enumerate(iter_jsonl(path)):
-        ex = qa_from_record(rec, dataset, index=i, where=path, line=n)
+        ex = qa_from_record(rec, dataset, index=i, where=path, line=n, question_mark=question_mark)
         if ex.id in seen:
             raise DataFormatError(path, n, f"duplicate id {ex.id!r} (first seen on line {seen[ex.id]})", 'id')
         seen[ex.id] = n
         out.append(ex)
     return out
 
-# %% ../nbs/api/01_data.ipynb #0026
+# %% ../nbs/api/01_data.ipynb #0030
 def write_qa_jsonl(examples: Iterable[QAExample], path) -> int:
     "Write examples as FlashRAG jsonl (atomically); returns the count."
     return write_jsonl((e.to_dict() for e in examples), path)
 
-# %% ../nbs/api/01_data.ipynb #0029
+# %% ../nbs/api/01_data.ipynb #0033
+def mark_qa_file(path) -> int:
+    "End every question of a QA jsonl file with `?`, rewriting it only when one changes; returns how many changed."
+    raw = read_qa_jsonl(path)
+    marked = [replace(e, question=add_question_mark(e.question)) for e in raw]
+    n = sum(a.question != b.question for a, b in zip(raw, marked))
+    if n: write_qa_jsonl(marked, path)
+    return n
+
+# %% ../nbs/api/01_data.ipynb #0036
+def read_flashrag_folder(folder, datasets: Iterable[str], split: str = 'train', question_mark: bool = False) -> list[QAExample]:
+    "One split of several FlashRAG sets laid out as `<folder>/<dataset>/<split>.jsonl` (or `.jsonl.gz`); ids `<dataset>-<id>`."
+    folder = Path(folder)
+    if not folder.is_dir(): raise FileNotFoundError(f"{folder}: no such folder (expected FlashRAG's <folder>/<dataset>/{split}.jsonl)")
+    out = []
+    for ds in datasets:
+        path = next((p for p in (folder/ds/f'{split}.jsonl', folder/ds/f'{split}.jsonl.gz') if p.is_file()), None)
+        if path is None:
+            have = sorted(str(p.relative_to(folder)) for p in folder.glob('*/*.jsonl*'))
+            raise FileNotFoundError(f"{folder/ds/f'{split}.jsonl'} is missing (FlashRAG layout <folder>/<dataset>/<split>.jsonl; "
+                                    f"found: {', '.join(have) or 'no such files'})")
+        for e in read_qa_jsonl(path, ds, question_mark):
+            e.metadata.setdefault('source_id', e.id)
+            e.id = f"{ds}-{e.id}"
+            out.append(e)
+    return out
+
+# %% ../nbs/api/01_data.ipynb #0039
 FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"
 
-def qa_from_hf(ds, dataset: str, source: str = 'hf') -> list[QAExample]:
+def qa_from_hf(ds, dataset: str, source: str = 'hf', question_mark: bool = False) -> list[QAExample]:
     "Convert the rows of a Hugging Face FlashRAG split (any iterable of dicts) to `QAExample`s."
-    return [qa_from_record(row, dataset, index=i, where=source, line=i + 1) for i, row in enumerate(ds)]
+    return [qa_from_record(row, dataset, index=i, where=source, line=i + 1, question_mark=question_mark) for i, row in enumerate(ds)]
 
-def load_flashrag_hf(dataset: str, split: str = 'test', cache_dir=None) -> list[QAExample]:
+def load_flashrag_hf(dataset: str, split: str = 'test', cache_dir=None, question_mark: bool = False) -> list[QAExample]:
     "Load one FlashRAG set/split from the Hugging Face hub (needs network or a warm `datasets` cache)."
     from datasets import load_dataset  # heavy import, only needed here
     ds = load_dataset(FLASHRAG_REPO, dataset, split=split, cache_dir=None if cache_dir is None else str(cache_dir))
-    return qa_from_hf(ds, dataset, source=f"{FLASHRAG_REPO}/{dataset}/{split}")
+    return qa_from_hf(ds, dataset, source=f"{FLASHRAG_REPO}/{dataset}/{split}", question_mark=question_mark)
 
-# %% ../nbs/api/01_data.ipynb #0033
+# %% ../nbs/api/01_data.ipynb #0043
 MIRAGE_DATASETS = ('medqa', 'medmcqa', 'pubmedqa', 'bioasq', 'mmlu')
 
 def format_mcq(stem: str, options: Mapping[str, str]) -> str:
@@ -175,8 +212,8 @@ def _line_of(text: str, *keys: str) -> int | None:
         pos = i
     return text.count('\n', 0, pos) + 1
 
-def read_mirage(path, datasets: Iterable[str] | None = None) -> list[QAExample]:
-    "Read MIRAGE's `benchmark.json` (optionally only some sets) as multiple-choice `QAExample`s."
+def read_mirage(path, datasets: Iterable[str] | None = None, question_mark: bool = False) -> list[QAExample]:
+    "Read MIRAGE's `benchmark.json` (optionally only some sets) as multiple-choice `QAExample`s (`?` on the stem with `question_mark`)."
     path = Path(path)
     text = path.read_text(encoding='utf-8')
     try: data = json.loads(text)
@@ -201,20 +238,21 @@ def read_mirage(path, datasets: Iterable[str] | None = None) -> list[QAExample]:
             if not isinstance(opts, dict) or not opts or not all(isinstance(v, str) for v in opts.values()):
                 raise err("field 'options' must be a non-empty object of strings", 'options')
             if ans not in opts: raise err(f"field 'answer' is {ans!r}, not one of the options {sorted(opts)}", 'answer')
-            meta = {'retrieval_query': stem.strip(), 'options': dict(opts), 'answer_letter': ans, 'source_id': qid}
+            stem = add_question_mark(stem) if question_mark else stem.strip()
+            meta = {'retrieval_query': stem, 'options': dict(opts), 'answer_letter': ans, 'source_id': qid}
             meta.update({k: v for k, v in it.items() if k not in ('question', 'options', 'answer')})
             out.append(QAExample(id=f"{ds}-{qid}", question=format_mcq(stem, opts),
                                  golden_answers=[f"{ans}: {opts[ans]}", opts[ans]], dataset=ds, metadata=meta))
     return out
 
-# %% ../nbs/api/01_data.ipynb #0037
+# %% ../nbs/api/01_data.ipynb #0047
 is_yes_no = is_yes_no_answer  # one definition, shared with the metrics (yes/no/true/false, any case)
 
 def drop_yes_no(examples: Iterable[QAExample]) -> list[QAExample]:
     "The examples whose gold answers are not yes/no."
     return [e for e in examples if not is_yes_no(e.golden_answers)]
 
-# %% ../nbs/api/01_data.ipynb #0040
+# %% ../nbs/api/01_data.ipynb #0050
 def load_rag_cache(path) -> dict[str, float]:
     "Read a naive-RAG cache jsonl (`{id, genacc, ...}` per line) into `{id: genacc}`."
     out = {}
@@ -234,7 +272,7 @@ def drop_answered_by_rag(examples: Iterable[QAExample], rag_cache) -> list[QAExa
     acc = _rag_cache(rag_cache)
     return [e for e in examples if acc.get(e.id, 0.0) < 1.0]
 
-# %% ../nbs/api/01_data.ipynb #0042
+# %% ../nbs/api/01_data.ipynb #0052
 def sample_examples(examples: list[QAExample], n: int | None, seed: int = 42) -> list[QAExample]:
     "A deterministic sample of `n` examples (all when `n` is None/0 or >= len), in their original order."
     examples = list(examples)
@@ -242,20 +280,50 @@ def sample_examples(examples: list[QAExample], n: int | None, seed: int = 42) ->
     keep = sorted(random.Random(seed).sample(range(len(examples)), n))
     return [examples[i] for i in keep]
 
-# %% ../nbs/api/01_data.ipynb #0044
-def build_training_set(examples: Iterable[QAExample], rag_cache=None, n: int | None = None,
-                       seed: int = 42) -> tuple[list[QAExample], dict]:
-    """s3's training set: drop yes/no questions, drop those naive RAG answers (when a cache is given), sample `n`.
-    Returns the examples and the counts after each step."""
+# %% ../nbs/api/01_data.ipynb #0054
+MISSING_POLICIES = ('drop', 'keep', 'error')  # what to do with questions that have no naive-RAG cache entry
+TRAINING_STEPS = ('input', 'yes_no', 'after_yes_no', 'rag_correct', 'missing_from_rag_cache', 'after_rag_filter', 'final')
+
+def _check_unique_ids(examples):
+    seen = set()
+    for e in examples:
+        if e.id in seen: raise ValueError(f"duplicate question id {e.id!r}: the naive-RAG cache is keyed by id, so ids must be unique")
+        seen.add(e.id)
+
+def build_training_set(examples: Iterable[QAExample], rag_cache=None, n: int | None = None, seed: int = 42,
+                       drop_yes_no: bool = True, drop_rag_correct: bool = True, missing: str = 'drop') -> tuple[list[QAExample], dict]:
+    """s3's training set: drop questions with yes/no golds, drop those naive RAG already answers (cache accuracy >= 1), sample `n`.
+    `missing`: questions absent from the cache are dropped (unknown whether RAG answers them), kept, or an error.
+    Returns the examples and a report: counts per step (`TRAINING_STEPS`), overall and per dataset, and the missing ids."""
+    if missing not in MISSING_POLICIES: raise ValueError(f"missing={missing!r}; use one of {MISSING_POLICIES}")
+    if drop_rag_correct and rag_cache is None:
+        raise ValueError("drop_rag_correct needs the naive-RAG cache (a jsonl path or {id: genacc}); "
+                         "pass drop_rag_correct=False to train without that filter")
     examples = list(examples)
-    counts = {'input': len(examples)}
-    examples = drop_yes_no(examples)
-    counts['after_yes_no'] = len(examples)
-    if rag_cache is not None:
-        acc = _rag_cache(rag_cache)
-        counts['not_in_rag_cache'] = sum(e.id not in acc for e in examples)
-        examples = drop_answered_by_rag(examples, acc)
-    counts['after_rag_filter'] = len(examples)
-    examples = sample_examples(examples, n, seed)
-    counts['final'] = len(examples)
-    return examples, counts
+    _check_unique_ids(examples)
+    groups = {'input': examples}
+    groups['yes_no'] = [e for e in examples if drop_yes_no and is_yes_no(e.golden_answers)]
+    groups['after_yes_no'] = kept = [e for e in examples if not (drop_yes_no and is_yes_no(e.golden_answers))]
+    acc = _rag_cache(rag_cache) if drop_rag_correct else {}
+    groups['missing_from_rag_cache'] = miss = [e for e in kept if drop_rag_correct and e.id not in acc]
+    if miss and missing == 'error':
+        raise ValueError(f"{len(miss)} of {len(kept)} questions are not in the naive-RAG cache (first: {[e.id for e in miss[:5]]}); "
+                         "fill the cache (stage 03_rag_cache) or choose missing='drop' / 'keep'")
+    groups['rag_correct'] = [e for e in kept if acc.get(e.id, 0.0) >= 1.0]
+    groups['after_rag_filter'] = [e for e in kept if acc.get(e.id, 0.0) < 1.0 and not (missing == 'drop' and drop_rag_correct and e.id not in acc)]
+    groups['final'] = final = sample_examples(groups['after_rag_filter'], n, seed)
+    counts = {k: len(groups[k]) for k in TRAINING_STEPS}
+    by_dataset = {d: {k: sum(e.dataset == d for e in groups[k]) for k in TRAINING_STEPS}
+                  for d in dict.fromkeys(e.dataset for e in examples)}
+    settings = {'drop_yes_no': drop_yes_no, 'drop_rag_correct': drop_rag_correct, 'missing': missing, 'n': n or 0, 'seed': seed}
+    return final, {'counts': counts, 'by_dataset': by_dataset, 'missing_ids': [e.id for e in miss], 'settings': settings}
+
+# %% ../nbs/api/01_data.ipynb #0060
+def flashrag_training_set(folder, datasets: Iterable[str] = ('nq', 'hotpotqa'), rag_cache=None, n: int | None = None,
+                          seed: int = 42, drop_yes_no: bool = True, drop_rag_correct: bool = True, missing: str = 'drop',
+                          question_mark: bool = True, split: str = 'train') -> tuple[list[QAExample], dict]:
+    "s3's training set from a FlashRAG folder: `read_flashrag_folder` (paper: NQ + HotpotQA train), then `build_training_set`."
+    examples = read_flashrag_folder(folder, datasets, split, question_mark)
+    exs, report = build_training_set(examples, rag_cache, n, seed, drop_yes_no, drop_rag_correct, missing)
+    report['settings'].update(folder=str(folder), datasets=list(datasets), split=split, question_mark=question_mark)
+    return exs, report
