@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Iterable, Protocol, Sequence, runtime_che
 from urllib.parse import urlsplit
 import httpx
 from .config import GeneratorConfig, cache_dir, get_logger, project_root
-from .metrics import extract_answer as metrics_extract_answer
+from .metrics import PROMPT_STYLES, check_prompt_style, extract_answer as metrics_extract_answer
 from .store import JsonlStore
 
 # %% auto #0
@@ -113,12 +113,22 @@ class ChatBase:
 # %% ../nbs/api/20_generator.ipynb #0012
 ANSWER_STYLE = "Reply with the answer alone: a short phrase, without explanation or any other text."
 
-def answer_messages(question: str, contexts: str) -> list[dict]:
-    "Messages for answering `question` from `contexts` (system: the passages, some maybe irrelevant; user: the question)."
+def _v1_answer_system(ctx: str) -> str:
+    return ("You answer questions with the help of reference passages.\n\n"
+            "Reference passages (some of them may be irrelevant to the question):\n"
+            f"{ctx}\n\n{ANSWER_STYLE}")
+
+def _original_answer_system(ctx: str) -> str:
+    return ("Use the contexts below to answer the question; some of them may be irrelevant.\n\n"
+            f"Contexts:\n{ctx}\n\n"
+            "Give the answer directly. Write nothing else: no explanation, no full sentence.")
+
+_ANSWER_SYSTEMS = {'original': _original_answer_system, 'v1': _v1_answer_system}
+
+def answer_messages(question: str, contexts: str, style: str = 'original') -> list[dict]:
+    "Messages for answering `question` from `contexts` in prompt `style` (system: the passages, some maybe irrelevant, answer only; user: the question)."
     ctx = contexts.strip() or "(no passages)"
-    system = ("You answer questions with the help of reference passages.\n\n"
-              "Reference passages (some of them may be irrelevant to the question):\n"
-              f"{ctx}\n\n{ANSWER_STYLE}")
+    system = _ANSWER_SYSTEMS[check_prompt_style(style)](ctx)
     return [{'role': 'system', 'content': system}, {'role': 'user', 'content': question.strip()}]
 
 def zero_shot_messages(question: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Answer normalisation, exact match, token F1, the span check, LLM-judge prompts and reply parsing, and GenAcc (span OR judge).
+"""Answer normalisation, exact match, token F1, the span check, LLM-judge prompts and reply parsing, GenAcc (span OR judge), and a judge's precision on items whose truth is known.
 
 Docs: https://s3-nbs.github.io/s3_nbs/api/metrics.html.md"""
 
@@ -6,14 +6,17 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/metrics.html.md"""
 
 # %% ../nbs/api/21_metrics.ipynb #0003
 from __future__ import annotations
-import re, string, unicodedata
+import json, re, string, unicodedata
 from collections import Counter
 from typing import Any, Awaitable, Callable, Iterable, Sequence
+from .config import CHOICES
 
 # %% auto #0
-__all__ = ['JUDGE_SYSTEM', 'MIRAGE_JUDGE_SYSTEM', 'normalize_answer', 'span_tokens', 'span_check', 'exact_match', 'f1_score',
-           'extract_answer', 'is_yes_no_answer', 'judge_messages', 'mirage_judge_messages', 'parse_judge', 'genacc',
-           'genacc_batch', 'agenacc_batch', 'summarize']
+__all__ = ['PROMPT_STYLES', 'JUDGE_SYSTEM', 'ORIGINAL_JUDGE_SYSTEM', 'JUDGE_SYSTEMS', 'JUDGE_REMINDER', 'MIRAGE_JUDGE_SYSTEM',
+           'normalize_answer', 'span_tokens', 'span_check', 'exact_match', 'f1_score', 'extract_answer',
+           'is_yes_no_answer', 'check_prompt_style', 'judge_messages', 'judge_retry_messages', 'is_judge_request',
+           'mirage_judge_messages', 'parse_judge', 'genacc', 'genacc_batch', 'agenacc_batch', 'summarize', 'clear_miss',
+           'known_truth_items', 'judge_report', 'judge_precision', 'ajudge_precision']
 
 # %% ../nbs/api/21_metrics.ipynb #0006
 _PUNCT = set(string.punctuation)
@@ -109,20 +112,46 @@ def is_yes_no_answer(golds: str | Iterable[str]) -> bool:
     return any(re.sub(r'[\s.!?,;:]+$', '', g.strip().lower()) in _YES_NO for g in _as_golds(golds))
 
 # %% ../nbs/api/21_metrics.ipynb #0023
+PROMPT_STYLES = CHOICES['generator.prompts']  # ('original', 'v1'): generator and judge wording, see `generator.prompts`
+
+def check_prompt_style(style: str) -> str:
+    "`style` if it is a known prompt style, else a `ValueError` naming the valid ones."
+    if style not in PROMPT_STYLES: raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}")
+    return style
+
 JUDGE_SYSTEM = ("You check answers to questions. You are given a response and one or more gold answers. "
                 "Decide whether the response contains any of the gold answers. A gold answer counts as contained "
                 "when the response states the same entity, value or fact, even if it is phrased, spelled, "
-                "abbreviated or formatted differently. Reply with one word: yes or no.")
+                "abbreviated or formatted differently. Reply with one word: yes or no.")  # the v1 judge
+
+ORIGINAL_JUDGE_SYSTEM = ("You compare a response with a list of gold answers and say whether the response contains "
+                         "any one of them. Reply with one word: yes or no.")
+
+JUDGE_SYSTEMS = {'original': ORIGINAL_JUDGE_SYSTEM, 'v1': JUDGE_SYSTEM}  # the judge's system message of each style
+
+JUDGE_REMINDER = "Your reply had neither yes nor no. Reply with exactly one word: yes or no."
 
 def _gold_lines(golds) -> str:
     return '\n'.join(f"- {g}" for g in _as_golds(golds))
 
-def judge_messages(question: str | None, pred: str, golds: str | Iterable[str]) -> list[dict]:
-    "OpenAI chat messages asking the judge whether `pred` contains any gold answer (question optional, for context)."
+def judge_messages(question: str | None, pred: str, golds: str | Iterable[str], style: str = 'original') -> list[dict]:
+    "Chat messages asking the judge whether `pred` contains any gold answer; the `original` style never shows `question`, `v1` does when given."
+    if check_prompt_style(style) == 'original':
+        user = (f"Response:\n{pred}\n\nGold answers: {json.dumps(_as_golds(golds), ensure_ascii=False)}\n\n"
+                "Is any of the gold answers contained in the response? Answer yes or no.")
+        return [{'role': 'system', 'content': ORIGINAL_JUDGE_SYSTEM}, {'role': 'user', 'content': user}]
     user = (f"Question: {question.strip()}\n\n" if question else '') + (
         f"Response:\n<response>\n{pred}\n</response>\n\nGold answers:\n{_gold_lines(golds)}\n\n"
         "Does the response contain any of the gold answers? Reply yes or no.")
     return [{'role': 'system', 'content': JUDGE_SYSTEM}, {'role': 'user', 'content': user}]
+
+def judge_retry_messages(messages: list[dict], reply: str | None) -> list[dict]:
+    "The conversation that asks the judge again after an unparseable `reply` to `messages`: the reply, then a reminder."
+    return [*messages, {'role': 'assistant', 'content': reply or ''}, {'role': 'user', 'content': JUDGE_REMINDER}]
+
+def is_judge_request(messages: list[dict]) -> bool:
+    "True when `messages` is a judge conversation of any style (its system message is a judge's); handy for logs and test doubles."
+    return bool(messages) and messages[0].get('content') in JUDGE_SYSTEMS.values()
 
 MIRAGE_JUDGE_SYSTEM = ("You check answers to multiple-choice questions. You are given a question with its lettered "
                        "options, the correct option, and a response. Decide whether the response chooses the correct "
@@ -206,9 +235,76 @@ async def agenacc_batch(preds: Sequence[str], golds_list: Sequence[Iterable[str]
 
 # %% ../nbs/api/21_metrics.ipynb #0036
 def summarize(results: Sequence[dict]) -> dict:
-    "Mean GenAcc/span/EM/F1 over per-item results, plus judge calls and unparseable verdicts."
+    "Span, judge and GenAcc reported apart (means; the judge's as yeses over calls), EM, F1, and the judge's call counts."
     n = len(results)
     mean = lambda k: sum(float(r[k]) for r in results) / n if n else 0.0
-    return {'n': n, 'genacc': mean('genacc'), 'span': mean('span'), 'em': mean('em'), 'f1': mean('f1'),
-            'judge_calls': sum(r['judged'] for r in results),
-            'judge_unparsed': sum(r['judged'] and r['judge'] is None for r in results)}
+    calls = sum(bool(r['judged']) for r in results)
+    yes = sum(bool(r['judged']) and r['judge'] is True for r in results)
+    return {'n': n, 'span': mean('span'), 'judge': yes / calls if calls else None, 'genacc': mean('genacc'),
+            'em': mean('em'), 'f1': mean('f1'), 'judge_calls': calls, 'judge_yes': yes,
+            'judge_unparsed': sum(bool(r['judged']) and r['judge'] is None for r in results)}
+
+# %% ../nbs/api/21_metrics.ipynb #b543dfeb
+def clear_miss(pred: str, golds: str | Iterable[str]) -> bool:
+    "True when `pred` is wrong beyond doubt: it has tokens, shares none with any usable gold, and no gold (spaces removed) is inside it or it inside a gold."
+    ptoks, usable = span_tokens(_check_pred(pred)), _usable(golds)
+    if not ptoks or not usable: return False
+    pset, pflat = set(ptoks), ''.join(ptoks)
+    for g in usable:
+        gtoks = span_tokens(g)
+        gflat = ''.join(gtoks)
+        if pset & set(gtoks) or gflat in pflat or pflat in gflat: return False
+    return True
+
+def known_truth_items(preds: Sequence[str], golds_list: Sequence[Iterable[str]], questions: Sequence[str] | None = None,
+                      max_per_kind: int | None = None) -> list[dict]:
+    "Judge test items whose truth is known without a judge: `span_hit` (right), `clear_miss` and `swapped` (wrong); at most `max_per_kind` of each."
+    preds, golds_list = list(preds), [_as_golds(g) for g in golds_list]
+    if len(preds) != len(golds_list): raise ValueError(f"{len(preds)} predictions but {len(golds_list)} gold lists")
+    qs = list(questions) if questions is not None else [None] * len(preds)
+    if len(qs) != len(preds): raise ValueError(f"{len(preds)} predictions but {len(qs)} questions")
+    n, kinds = len(preds), {'span_hit': [], 'clear_miss': [], 'swapped': []}
+    item = lambda kind, truth, i, j: {'kind': kind, 'truth': truth, 'index': i, 'question': qs[j], 'pred': preds[i],
+                                      'golds': golds_list[j]}
+    for i, (p, g) in enumerate(zip(preds, golds_list)):
+        if span_check(p, g): kinds['span_hit'].append(item('span_hit', True, i, i))
+        elif clear_miss(p, g): kinds['clear_miss'].append(item('clear_miss', False, i, i))
+        j = (i + max(1, n // 2)) % n   # another question's golds (with the question they belong to)
+        if j != i and clear_miss(p, golds_list[j]): kinds['swapped'].append(item('swapped', False, i, j))
+    return [it for v in kinds.values() for it in (v if max_per_kind is None else v[:max_per_kind])]
+
+# %% ../nbs/api/21_metrics.ipynb #46c4e6a1
+def judge_report(items: Sequence[dict], verdicts: Sequence[bool | None], n_examples: int = 5) -> dict:
+    "Precision, recall on known-right, false-yes rate on known-wrong, counts (overall and per kind) and example false yeses."
+    verdicts = [_verdict(v) for v in verdicts]
+    if len(verdicts) != len(items): raise ValueError(f"{len(verdicts)} verdicts for {len(items)} items")
+    right = [v for it, v in zip(items, verdicts) if it['truth']]
+    wrong = [v for it, v in zip(items, verdicts) if not it['truth']]
+    yes_right, yes_wrong = sum(v is True for v in right), sum(v is True for v in wrong)
+    by_kind: dict = {}
+    for it, v in zip(items, verdicts):
+        k = by_kind.setdefault(it['kind'], {'n': 0, 'yes': 0, 'no': 0, 'unparsed': 0})
+        k['n'] += 1; k['yes' if v is True else 'no' if v is False else 'unparsed'] += 1
+    false_yes = [{k: it[k] for k in ('kind', 'question', 'pred', 'golds')} for it, v in zip(items, verdicts)
+                 if v is True and not it['truth']]
+    return {'precision': yes_right / (yes_right + yes_wrong) if yes_right + yes_wrong else None,
+            'recall': yes_right / len(right) if right else None,
+            'false_yes_rate': yes_wrong / len(wrong) if wrong else None,
+            'n_right': len(right), 'n_wrong': len(wrong), 'yes_right': yes_right, 'yes_wrong': yes_wrong,
+            'unparsed': sum(v is None for v in verdicts), 'by_kind': by_kind, 'false_yes': false_yes[:n_examples]}
+
+def _triples(items): return [(it['question'], it['pred'], it['golds']) for it in items]
+
+def judge_precision(judge_batch: Callable[[list[tuple]], Sequence[bool | None]], preds: Sequence[str],
+                    golds_list: Sequence[Iterable[str]], questions: Sequence[str] | None = None, *,
+                    max_per_kind: int | None = None, n_examples: int = 5) -> dict:
+    "Measure a judge on `known_truth_items` of these predictions (one `judge_batch` call of `(question, pred, golds)` triples)."
+    items = known_truth_items(preds, golds_list, questions, max_per_kind)
+    return judge_report(items, judge_batch(_triples(items)) if items else [], n_examples)
+
+async def ajudge_precision(judge_batch: Callable[[list[tuple]], Awaitable[Sequence[bool | None]]], preds: Sequence[str],
+                           golds_list: Sequence[Iterable[str]], questions: Sequence[str] | None = None, *,
+                           max_per_kind: int | None = None, n_examples: int = 5) -> dict:
+    "`judge_precision` with an async `judge_batch` (awaited once)."
+    items = known_truth_items(preds, golds_list, questions, max_per_kind)
+    return judge_report(items, (await judge_batch(_triples(items))) if items else [], n_examples)

@@ -6,20 +6,21 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/reward.html.md"""
 
 # %% ../nbs/api/30_reward.ipynb #0003
 from __future__ import annotations
-import asyncio, hashlib, inspect
+import asyncio, hashlib, inspect, json
 from collections import OrderedDict
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-from .config import S3Config
+from .config import GeneratorConfig, S3Config
 from .corpus import format_docs
 from .generator import answer_messages, make_generator, run_sync
-from .metrics import agenacc_batch, judge_messages, parse_judge
+from .metrics import (agenacc_batch, ajudge_precision, check_prompt_style, judge_messages, judge_retry_messages,
+                            parse_judge)
 from .store import JsonlStore
 
 # %% auto #0
-__all__ = ['REWARD_MODES', 'gbr', 'Graded', 'prompt_sha', 'AnswerGrader', 'RagCacheMiss', 'RagBaseline', 'RewardItem',
-           'GBRReward', 'make_reward']
+__all__ = ['REWARD_MODES', 'ACCURACIES', 'gbr', 'Graded', 'prompt_sha', 'AnswerGrader', 'RagCacheMiss', 'RagBaseline',
+           'RewardItem', 'GBRReward', 'make_grader', 'make_reward', 'trusted_accuracy']
 
 # %% ../nbs/api/30_reward.ipynb #0006
 REWARD_MODES = ('gbr', 'gbr_plus_acc')
@@ -31,6 +32,8 @@ def gbr(acc_s3: float, acc_rag: float, mode: str = 'gbr') -> float:
     raise ValueError(f"unknown reward mode {mode!r}; choose one of {', '.join(REWARD_MODES)}")
 
 # %% ../nbs/api/30_reward.ipynb #0009
+ACCURACIES = ('genacc', 'span', 'judge', 'em')
+
 @dataclass
 class Graded:
     "One graded answer."
@@ -43,9 +46,12 @@ class Graded:
     f1: float
     acc: float  # the accuracy the reward uses
 
-def prompt_sha(question: str, context: str) -> str:
-    "Content address of one answer request (question + formatted context); the generator settings are in the cache's name."
-    return hashlib.sha256(f"{question}\0{context}".encode()).hexdigest()
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(',', ':')).encode()).hexdigest()
+
+def prompt_sha(question: str, context: str, style: str = 'original') -> str:
+    "Content address of one answer request: sha256 of its messages in prompt `style` (the generator model and cap are in the cache's name)."
+    return _sha(answer_messages(question, context, style))
 
 def _keep(memory: OrderedDict, key, value, limit: int) -> None:
     "Put `key` in a bounded memory, newest last; the oldest entries go past `limit`."
@@ -62,36 +68,55 @@ async def _aiter_chat(client, batch, **kw):
 
 class AnswerGrader:
     "Answer questions from contexts with the frozen generator and grade them, batched; the judge is pipelined behind."
-    def __init__(self, generator, judge=None, accuracy: str = 'genacc', max_tokens: int = 64, max_verdicts: int = 200_000):
-        if accuracy not in ('genacc', 'span', 'judge', 'em'): raise ValueError(f"unknown accuracy {accuracy!r}")
-        self.generator, self.judge, self.accuracy, self.max_tokens = generator, judge or generator, accuracy, max_tokens
-        self.calls = {'answer': 0, 'judge': 0, 'answer_coalesced': 0, 'judge_coalesced': 0, 'answer_reused': 0,
-                      'judge_reused': 0}
+    def __init__(self, generator, judge=None, accuracy: str = 'genacc', max_tokens: int | None = None,
+                 max_verdicts: int = 200_000, *, prompts: str = 'original', judge_retries: int = 1, judge_max_tokens: int = 8):
+        if accuracy not in ACCURACIES: raise ValueError(f"unknown accuracy {accuracy!r}; choose one of {', '.join(ACCURACIES)}")
+        if judge_retries < 0: raise ValueError(f"judge_retries must be >= 0, got {judge_retries}")
+        self.generator, self.judge, self.accuracy = generator, judge or generator, accuracy
+        self.max_tokens = GeneratorConfig().max_tokens if max_tokens is None else int(max_tokens)
+        self.prompts, self.judge_retries, self.judge_max_tokens = check_prompt_style(prompts), judge_retries, judge_max_tokens
+        self.calls = {'answer': 0, 'judge': 0, 'judge_retries': 0, 'judge_unparsed': 0, 'answer_coalesced': 0,
+                      'judge_coalesced': 0, 'answer_reused': 0, 'judge_reused': 0}
         self._judging: dict = {}  # judge requests in flight, by content: concurrent duplicates share one call
         self._verdicts: OrderedDict = OrderedDict()  # parsed verdicts by judge input (bounded)
         self._answers: OrderedDict = OrderedDict()  # known answers by `prompt_sha` of the request (bounded)
         self.max_verdicts = max_verdicts
 
+    def verdict_key(self, question: str | None, prediction: str, golds: Sequence[str]) -> str:
+        "Content address of one judge question: sha256 of its messages in this grader's style (the question counts only where the judge sees it)."
+        return _sha(judge_messages(question, prediction, list(golds), self.prompts))
+
     def remember(self, question: str, prediction: str, golds: Sequence[str], verdict: bool | None) -> None:
         "Keep the judge's verdict on this exact input (a later identical judge question is answered without a call)."
-        if verdict is not None: _keep(self._verdicts, (question, prediction, tuple(golds)), bool(verdict), self.max_verdicts)
+        if verdict is not None: _keep(self._verdicts, self.verdict_key(question, prediction, golds), bool(verdict), self.max_verdicts)
 
     def remember_answer(self, request_sha: str, answer: str) -> None:
         "Keep the generator's answer to the request with this `prompt_sha` (a later identical request needs no call; it is graded as usual)."
         _keep(self._answers, request_sha, answer, self.max_verdicts)
 
+    async def _ask_judge(self, messages) -> str:
+        return (await self.judge.achat([messages], temperature=0.0, max_tokens=self.judge_max_tokens))[0]
+
     async def _judge_one(self, q, p, g):
         self.calls['judge'] += 1
-        reply = (await self.judge.achat([judge_messages(q, p, g)], temperature=0.0, max_tokens=8))[0]
+        msgs = judge_messages(q, p, g, self.prompts)
+        reply = await self._ask_judge(msgs)
         verdict = parse_judge(reply)
+        for _ in range(self.judge_retries):
+            if verdict is not None: break
+            self.calls['judge_retries'] += 1
+            msgs = judge_retry_messages(msgs, reply)
+            reply = await self._ask_judge(msgs)
+            verdict = parse_judge(reply)
+        if verdict is None: self.calls['judge_unparsed'] += 1
         self.remember(q, p, g, verdict)
         return verdict
 
-    async def _judge_batch(self, triples):
+    async def ajudge(self, triples: Sequence[tuple]) -> list[bool | None]:
         "Verdicts for `(question, prediction, golds)` triples: remembered ones at once; one being judged waits for that call."
         futs = []
         for q, p, g in triples:
-            key = (q, p, tuple(g))
+            key = self.verdict_key(q, p, g)
             if key in self._verdicts:
                 self.calls['judge_reused'] += 1
                 fut = asyncio.get_running_loop().create_future(); fut.set_result(self._verdicts[key])
@@ -110,7 +135,8 @@ class AnswerGrader:
         if not questions: return []
         uniq: dict = {}  # (question, context) -> the rows that ask it
         for i, (q, c) in enumerate(zip(questions, contexts)): uniq.setdefault((q, c), []).append(i)
-        known = {qc: a for qc in uniq if (a := self._answers.get(prompt_sha(*qc))) is not None} if self._answers else {}
+        known = ({qc: a for qc in uniq if (a := self._answers.get(prompt_sha(*qc, self.prompts))) is not None}
+                 if self._answers else {})
         keys = [qc for qc in uniq if qc not in known]
         self.calls['answer'] += len(keys)
         self.calls['answer_coalesced'] += len(questions) - len(uniq)
@@ -118,7 +144,7 @@ class AnswerGrader:
         use_judge, use_span = self.accuracy in ('genacc', 'judge'), self.accuracy != 'judge'
         answers, res = [None] * len(questions), [None] * len(questions)
         async def grade(i, a):
-            res[i] = (await agenacc_batch([a], [golds[i]], self._judge_batch if use_judge else None,
+            res[i] = (await agenacc_batch([a], [golds[i]], self.ajudge if use_judge else None,
                                           questions=[questions[i]], use_span=use_span))[0]
         pending = []
         def answered(qc, a):
@@ -128,7 +154,7 @@ class AnswerGrader:
         try:
             for qc, a in known.items(): answered(qc, a)
             if keys:
-                async for k, a in _aiter_chat(self.generator, [answer_messages(q, c) for q, c in keys],
+                async for k, a in _aiter_chat(self.generator, [answer_messages(q, c, self.prompts) for q, c in keys],
                                               temperature=0.0, max_tokens=self.max_tokens):
                     answered(keys[k], a)
             await asyncio.gather(*pending)
@@ -140,6 +166,11 @@ class AnswerGrader:
         "A `Graded` from an answer and its grades (`span`, `judge`, `judged`, `genacc`, `em`, `f1`), with this grader's accuracy."
         acc = {'genacc': r['genacc'], 'judge': bool(r['judge']), 'span': r['span'], 'em': r['em']}[self.accuracy]
         return Graded(answer, r['span'], r['judge'], r['judged'], r['genacc'], r['em'], r['f1'], float(acc))
+
+    async def ajudge_precision(self, preds: Sequence[str], golds_list: Sequence[Sequence[str]],
+                               questions: Sequence[str] | None = None, max_per_kind: int | None = None, n_examples: int = 5) -> dict:
+        "This grader's judge (its style and retries) measured on items whose truth is known (`s3_nbs.metrics.judge_precision`)."
+        return await ajudge_precision(self.ajudge, preds, golds_list, questions, max_per_kind=max_per_kind, n_examples=n_examples)
 
 # %% ../nbs/api/30_reward.ipynb #0015
 def _docs_of(hits) -> list[dict]:
@@ -157,6 +188,16 @@ class RagBaseline:
         self.store, self.grader, self.retriever, self.topk = JsonlStore(path), grader, retriever, topk
         self.computed = 0
         self._computing: dict = {}  # question id -> the computation in flight (concurrent calls never compute one twice)
+        self.check_entries()
+
+    def check_entries(self) -> None:
+        "Refuse a cache whose entries say they were graded with another prompt style or accuracy than this grader's."
+        for fld, want, hint in (('prompts', self.grader.prompts, 'generator.prompts'), ('accuracy', self.grader.accuracy, 'reward.accuracy')):
+            other = sorted({str(r[fld]) for r in self.store if r.get(fld) is not None and r[fld] != want})
+            if other:
+                raise ValueError(f"the naive-RAG cache {self.store.path} was graded with {fld} {', '.join(other)}, but this reward "
+                                 f"uses {want!r}: build the cache with the same {hint} (stage 03_rag_cache), or set {hint}="
+                                 f"{other[0]} (stage 03 records the accuracy it used as accuracy_used)")
 
     async def acompute(self, ids, questions, golds) -> list[dict]:
         "Retrieve top-k for every question, answer, grade, append to the cache; returns the new entries."
@@ -167,9 +208,10 @@ class RagBaseline:
         hits = await _maybe_await(self.retriever.batch_search(list(questions), self.topk))
         docs = [_docs_of(h) for h in hits]
         graded = await self.grader.agrade(questions, golds, [format_docs(d) for d in docs])
-        entries = [{'id': i, 'question': q, 'golden_answers': list(g), 'doc_ids': [d.get('id') for d in ds],
-                    'prompt_sha': prompt_sha(q, format_docs(ds)), **asdict(r)}
-                   for i, q, g, ds, r in zip(ids, questions, golds, docs, graded)]
+        g = self.grader
+        entries = [{'id': i, 'question': q, 'golden_answers': list(gs), 'doc_ids': [d.get('id') for d in ds],
+                    'prompt_sha': prompt_sha(q, format_docs(ds), g.prompts), 'prompts': g.prompts, 'accuracy': g.accuracy, **asdict(r)}
+                   for i, q, gs, ds, r in zip(ids, questions, golds, docs, graded)]
         self.store.append(entries)
         self.computed += len(entries)
         return entries
@@ -209,27 +251,47 @@ class GBRReward:
         self.grader, self.baseline, self.mode = grader, baseline, mode
 
     async def ascore(self, items: Sequence[RewardItem]) -> list[dict]:
-        "One dict per item: reward, acc_s3, acc_rag, the s3 answer and its grades, the mode."
+        "One dict per item: reward, acc_s3, acc_rag, the s3 answer and its grades, the RAG side's span/judge/GenAcc, the mode."
         if not items: return []
         for k in self.baseline.peek([it.id for it in items]):  # what the cached RAG requests already answered
             if not k or k.get('answer') is None: continue
             if k.get('prompt_sha'): self.grader.remember_answer(k['prompt_sha'], k['answer'])  # D_s3 == D_RAG: no call
-            if k.get('judged'): self.grader.remember(k['question'], k['answer'], k['golden_answers'], k.get('judge'))
+            if k.get('judged') and k.get('prompts') == self.grader.prompts:  # a verdict of another judge wording is never reused
+                self.grader.remember(k['question'], k['answer'], k['golden_answers'], k.get('judge'))
         s3_task = self.grader.agrade([it.question for it in items], [it.golden_answers for it in items],
                                      [format_docs(it.docs) for it in items])
         rag_task = self.baseline.aget([it.id for it in items], [it.question for it in items], [it.golden_answers for it in items])
         graded, rag = await asyncio.gather(s3_task, rag_task)
         return [{'id': it.id, 'reward': gbr(g.acc, r['acc'], self.mode), 'acc_s3': g.acc, 'acc_rag': float(r['acc']),
-                 'mode': self.mode, **{f's3_{k}': v for k, v in asdict(g).items()}} for it, g, r in zip(items, graded, rag)]
+                 'mode': self.mode, **{f's3_{k}': v for k, v in asdict(g).items()},
+                 **{f'rag_{k}': r.get(k) for k in ('span', 'judge', 'genacc')}} for it, g, r in zip(items, graded, rag)]
 
     def score(self, items: Sequence[RewardItem]) -> list[dict]:
         "Synchronous `ascore` (also inside Jupyter; use `ascore` inside async code)."
         return run_sync(self.ascore(items))
 
-def make_reward(cfg: S3Config, rag_cache, retriever=None, generator=None, judge=None) -> GBRReward:
-    "A `GBRReward` wired from the config (generator and judge from `cfg.generator` unless given)."
+def make_grader(cfg: S3Config, generator=None, judge=None) -> AnswerGrader:
+    "The `AnswerGrader` of a config: generator and judge from `cfg.generator` (unless given), its accuracy, answer cap, prompt style and judge retries."
     gen = generator or make_generator(cfg.generator)
     jm = cfg.generator.judge_model
     jud = judge or (make_generator(cfg.generator, judge=True) if jm and jm != cfg.generator.model else gen)
-    grader = AnswerGrader(gen, jud, cfg.reward.accuracy, cfg.generator.max_tokens)
+    return AnswerGrader(gen, jud, cfg.reward.accuracy, cfg.generator.max_tokens, prompts=cfg.generator.prompts,
+                        judge_retries=cfg.generator.judge_retries)
+
+def make_reward(cfg: S3Config, rag_cache, retriever=None, generator=None, judge=None) -> GBRReward:
+    "A `GBRReward` wired from the config (`make_grader`; generator and judge from `cfg.generator` unless given)."
+    grader = make_grader(cfg, generator, judge)
     return GBRReward(grader, RagBaseline(rag_cache, grader, retriever, cfg.retrieval.naive_topk), cfg.reward.mode)
+
+# %% ../nbs/api/30_reward.ipynb #c4a1b002
+def trusted_accuracy(accuracy: str, report: dict | None, min_precision: float = 0.0) -> tuple[str, str]:
+    "The accuracy to use after measuring the judge (`report`: a `judge_precision` result) and why: `span` when a judge-based accuracy's judge is below `min_precision`."
+    if accuracy not in ('genacc', 'judge'): return accuracy, f"reward.accuracy is {accuracy}: no judge involved"
+    p = None if report is None else report.get('precision')
+    said = 'not measured' if report is None else ('undefined (it never said yes)' if p is None else f"{p:.3f}")
+    if min_precision <= 0: return accuracy, f"judge precision {said}; reward.judge_min_precision is 0, so {accuracy} is kept"
+    if report is None: raise ValueError("reward.judge_min_precision > 0 needs a measured judge: pass a judge_precision report")
+    if p is None or p < min_precision:
+        return 'span', (f"the judge is not trusted: its precision {said} is below reward.judge_min_precision "
+                        f"{min_precision:g}, so the accuracy falls back from {accuracy} to span")
+    return accuracy, f"judge precision {said} >= reward.judge_min_precision {min_precision:g}: {accuracy} is kept"

@@ -179,10 +179,11 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
 
     @app.get('/health')
     async def health(request: Request):
-        "Status, reward settings, generator-call counters and batching counters."
+        "Status, reward settings (accuracy, prompt style, answer cap, judge retries), generator-call counters and batching counters."
         check_auth(request)
         g = reward.grader
         return {'status': 'ok', 'uptime_s': round(time.time() - started, 1), 'mode': reward.mode, 'accuracy': g.accuracy,
+                'prompts': g.prompts, 'max_tokens': g.max_tokens, 'judge_retries': g.judge_retries,
                 'generator': getattr(g.generator, 'model', type(g.generator).__name__), 'rag_cache': str(reward.baseline.store.path),
                 'rag_cache_entries': len(reward.baseline.store), 'calls': dict(g.calls),
                 'batching': {**batcher.stats, 'in_flight': batcher.in_flight(), 'wait_ms': wait_ms, 'max_batch': max_batch},
@@ -294,6 +295,7 @@ def serve_reward(rag_cache, config='smoke', overrides: Sequence[str] = (), host:
     app = reward_app(reward, token=token, wait_ms=wait_ms,
                      info={'config': {k: conf[k] for k in ('generator', 'reward', 'retrieval') if k in conf},
                            'retrieval_url': retrieval_url})
-    _log.info(f"serving the {cfg.reward.mode} reward ({cfg.generator.backend} generator {cfg.generator.model}, "
+    _log.info(f"serving the {cfg.reward.mode} reward ({cfg.reward.accuracy} accuracy; {cfg.generator.backend} generator "
+              f"{cfg.generator.model}, {cfg.generator.prompts} prompts, answers up to {cfg.generator.max_tokens} tokens; "
               f"{len(reward.baseline.store)} cached RAG answers) on http://{host}:{port}/score")
     uvicorn.run(app, host=host, port=port, log_level=log_level)
