@@ -13,23 +13,13 @@ judge styles does not answer again.
     .venv/bin/python benchmarks/bench_judge.py --answer-prompts original --judge-prompts v1,original
     .venv/bin/python benchmarks/bench_judge.py --max-tokens 32,16,64,500 --no-judge --max-questions 64
 
-Measured 2026-12-02 on the 2-CPU machine (busy: load 3-7), demo train split (315 questions, dense top-3), SmolLM2-135M
-as generator and judge, answer cap 32, judge reply cap 8:
-
-| answers | judge | agrees with span | yes on span hits | yes on span misses | unparsed | precision (all / 100 per kind) |
-|---|---|---|---|---|---|---|
-| v1 (span 0.095) | v1, no retry (the old code) | 0.717 | 2 / 30 | 61 / 285 | 43 | 0.012 / 0.035 |
-| v1 | v1, 1 retry | 0.695 | 2 / 30 | 68 / 285 | 36 | 0.011 / - |
-| v1 | original, 1 retry | 0.832 | 0 / 30 | 23 / 285 | 83 | 0.000 / - |
-| original (span 0.124) | v1, 1 retry | 0.670 | 3 / 39 | 68 / 276 | 40 | 0.016 / 0.043 |
-| original | original, 1 retry (the new default) | 0.797 | 0 / 39 | 25 / 276 | 83 | 0.000 / 0.000 |
-
-A 135M model is no judge in either wording: it says yes to wrong answers (false-yes rate 0.06-0.35 on the known-wrong
-items) and hardly ever to right ones; the `original` wording mostly says no or nothing parseable. Answer caps
-(original prompts, first 64 questions): span 0.141 at 16, 32, 64 and 500; mean answer 13.5 / 17.0 / 19.0 / 32.6
-tokens; 29 / 7 / 2 / 2 answers at the cap; 158 / ~185 / 251 / 700 s.
+Results of the runs behind `configs/smoke.yaml`'s choices are in `benchmarks/results/bench_judge/` (2026-12-02, the
+2-CPU VM under load 3-7; those files predate the `host` field): `before-strict*.json` (v1 answers, v1 judge without
+retry: the code before the parity change; `-100` = at most 100 items per kind), `before-v1.json` (v1 answers, both
+judges with one retry), `after-original.json` / `after-100.json` (original answers, both judges), `caps.json`
+(answer caps 32/16/64/500 on 64 questions; the 32 row came from the cache, so its `seconds` is not a timing).
 """
-import argparse, asyncio, json, os, sys, time
+import argparse, asyncio, json, os, platform, sys, time
 from pathlib import Path
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
@@ -71,7 +61,9 @@ async def main(a):
     inner = TransformersChat(a.model, batch_size=a.batch_size)
     chat = CachedChat(inner, Path(a.cache) if a.cache else cache_dir('bench')/'judge.jsonl')
     questions, golds = [q.question for q in qs], [q.golden_answers for q in qs]
-    out = {'split': a.split, 'n': len(qs), 'model': a.model, 'answer_prompts': a.answer_prompts, 'caps': {}, 'judges': {}}
+    out = {'split': a.split, 'n': len(qs), 'model': a.model, 'answer_prompts': a.answer_prompts, 'caps': {}, 'judges': {},
+           'settings': {'judge_retries': a.judge_retries, 'max_per_kind': a.max_per_kind, 'judge_max_tokens': a.judge_max_tokens},
+           'host': {'platform': platform.platform(), 'cpus': os.cpu_count(), 'load': os.getloadavg()}}
     answers = None
     for cap in [int(x) for x in a.max_tokens.split(',')]:
         g = AnswerGrader(chat, accuracy='span', max_tokens=cap, prompts=a.answer_prompts)

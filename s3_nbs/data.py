@@ -254,13 +254,15 @@ def drop_yes_no(examples: Iterable[QAExample]) -> list[QAExample]:
 
 # %% ../nbs/api/01_data.ipynb #0050
 def load_rag_cache(path) -> dict[str, float]:
-    "Read a naive-RAG cache jsonl (`{id, genacc, ...}` per line) into `{id: genacc}`."
+    """Read a naive-RAG cache jsonl into `{id: accuracy}`: each line's `acc` (the accuracy the reward uses, e.g. span after
+    stage 03 stopped trusting the judge), else its `genacc` (caches written before `acc` existed)."""
     out = {}
     for n, rec in iter_jsonl(path):
-        for k in ('id', 'genacc'):
-            if rec.get(k) is None: raise DataFormatError(path, n, f"missing field '{k}'", k)
-        v = rec['genacc']
-        if not isinstance(v, (int, float)): raise DataFormatError(path, n, f"field 'genacc' must be a number, got {v!r}", 'genacc')
+        k = 'acc' if rec.get('acc') is not None else 'genacc'
+        for f in ('id', k):
+            if rec.get(f) is None: raise DataFormatError(path, n, f"missing field '{f}'", f)
+        v = rec[k]
+        if not isinstance(v, (int, float)): raise DataFormatError(path, n, f"field '{k}' must be a number, got {v!r}", k)
         out[str(rec['id'])] = float(v)
     return out
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
-from .config import GeneratorConfig, S3Config
+from .config import CHOICES, GeneratorConfig, S3Config
 from .corpus import format_docs
 from .generator import answer_messages, make_generator, run_sync
 from .metrics import (agenacc_batch, ajudge_precision, check_prompt_style, judge_messages, judge_retry_messages,
@@ -32,7 +32,7 @@ def gbr(acc_s3: float, acc_rag: float, mode: str = 'gbr') -> float:
     raise ValueError(f"unknown reward mode {mode!r}; choose one of {', '.join(REWARD_MODES)}")
 
 # %% ../nbs/api/30_reward.ipynb #0009
-ACCURACIES = ('genacc', 'span', 'judge', 'em')
+ACCURACIES = CHOICES['reward.accuracy']  # ('genacc', 'span', 'judge', 'em'), as the config allows
 
 @dataclass
 class Graded:

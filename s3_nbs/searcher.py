@@ -15,13 +15,12 @@ from .config import SearcherConfig
 from .corpus import format_docs, split_contents
 
 # %% auto #0
-__all__ = ['DEFAULT_PROMPT', 'OPEN_QUERY_FEEDBACK', 'ASK_ACTION_FEEDBACK', 'FEEDBACK_STYLES', 'DEFAULT_FEEDBACK',
-           'DEFAULT_LAST_TURN', 'NO_DOCUMENTS', 'PLACEHOLDERS', 'MIN_DOC_TOKENS', 'STOP', 'TRUE_VALUES',
-           'MAX_ID_DIGITS', 'MIN_STEP_TOKENS', 'OBS_RESERVE', 'OBS_OPEN', 'OBS_CLOSE', 'PromptTemplate',
-           'load_template', 'as_document', 'doc_lines', 'doc_key', 'fit_doc_lines', 'tag_contents', 'is_true',
-           'parse_query', 'Action', 'select_ids', 'parse_action', 'check_action', 'Generation', 'token_pieces',
-           'cut_generation', 'Block', 'Turn', 'search_steps', 'Trajectory', 'SearchResult', 'check_masks',
-           'check_end_of_turn', 'replay_transcript']
+__all__ = ['DEFAULT_PROMPT', 'OPEN_QUERY_FEEDBACK', 'ASK_ACTION_FEEDBACK', 'FEEDBACK_STYLES', 'DEFAULT_LAST_TURN', 'NO_DOCUMENTS',
+           'PLACEHOLDERS', 'MIN_DOC_TOKENS', 'STOP', 'TRUE_VALUES', 'MAX_ID_DIGITS', 'MIN_STEP_TOKENS', 'OBS_RESERVE',
+           'OBS_OPEN', 'OBS_CLOSE', 'PromptTemplate', 'load_template', 'as_document', 'doc_lines', 'doc_key',
+           'fit_doc_lines', 'tag_contents', 'is_true', 'parse_query', 'Action', 'select_ids', 'parse_action',
+           'check_action', 'Generation', 'token_pieces', 'cut_generation', 'Block', 'Turn', 'search_steps',
+           'Trajectory', 'SearchResult', 'check_masks', 'check_end_of_turn', 'replay_transcript']
 
 # %% ../nbs/api/40_searcher.ipynb #0007
 DEFAULT_PROMPT = """You are the search assistant of a question-answering system. You never answer the question yourself: \
@@ -57,7 +56,6 @@ OPEN_QUERY_FEEDBACK = ("These documents do not answer the question yet, so I wil
 ASK_ACTION_FEEDBACK = ("That turn had no action I could run. Finish with <search_complete>True</search_complete>, or "
                        "search with <query>{\"query\": \"your search terms\"}</query>.")
 FEEDBACK_STYLES = {'open_query': OPEN_QUERY_FEEDBACK, 'ask_action': ASK_ACTION_FEEDBACK}  # `searcher.feedback`
-DEFAULT_FEEDBACK = OPEN_QUERY_FEEDBACK
 DEFAULT_LAST_TURN = ("You have no searches left. Select the useful documents of the last search with "
                      "<important_info>[...]</important_info> and finish with <search_complete>True</search_complete>.")
 NO_DOCUMENTS = "(no documents)"
@@ -355,7 +353,8 @@ class Trajectory:
         self.turns: list[Turn] = []
         self.done, self.finish_reason, self.pending_query = False, None, None
         self.feedback = self.template.feedback_text(self.cfg)
-        self._open_query = False  # the last appended feedback ends with an open <query> tag
+        self._feedback_opens = _opens_query(self.feedback)  # the feedback ends with an open <query> tag
+        self._open_query = False  # the last appended feedback was such a feedback
 
     # -- prompt --------------------------------------------------------------------------------------------------
     def _render(self, docs_text: str) -> tuple[str, list[int]]:
@@ -441,8 +440,8 @@ class Trajectory:
         fb = note = []
         ends = a.kind == 'complete' or final
         if a.kind == 'invalid' and not final:  # feedback, and the last-turn note when the next step is the final one
-            fb = _encode(self.tok, '\n\n' + self.feedback + ('\n' if _opens_query(self.feedback) else '\n\n')) if self.feedback else []
-            note = [] if _opens_query(self.feedback) else self._note_ids(ahead=1)  # a note after an open <query> would break it
+            fb = _encode(self.tok, '\n\n' + self.feedback + ('\n' if self._feedback_opens else '\n\n')) if self.feedback else []
+            note = [] if self._feedback_opens else self._note_ids(ahead=1)  # a note after an open <query> would break it
             ends = len(fb) + len(note) > self.room - len(gen.ids) - MIN_STEP_TOKENS
         ids, lps = list(gen.ids), gen.logprobs
         dropped = bool(self.cfg.drop_eos and not ends and gen.finish == 'eos' and ids)
@@ -463,7 +462,7 @@ class Trajectory:
         else:
             self._append(fb, 'feedback'); self._append(note, 'note')
             turn.n_appended = len(fb) + len(note)
-            self._open_query = _opens_query(self.feedback)
+            self._open_query = self._feedback_opens
         return turn
 
     def add_observation(self, hits: Sequence[Mapping]) -> Block | None:

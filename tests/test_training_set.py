@@ -158,7 +158,7 @@ def test_stage_after_real_stages(tmp_path):
     man = manifest(out)
     c, m = man['metrics']['counts'], man['metrics']
     split = read_qa_jsonl(latest(out, '01_prepare_data')/'artifacts'/'data'/'train.jsonl')
-    cached = {json.loads(l)['id']: json.loads(l)['genacc'] for l in open(json.loads((latest(out, '03_rag_cache')/'manifest.json').read_text())['metrics']['cache_path'])}
+    cached = {json.loads(l)['id']: json.loads(l)['acc'] for l in open(json.loads((latest(out, '03_rag_cache')/'manifest.json').read_text())['metrics']['cache_path'])}
     assert len(cached) == n and set(cached) <= {e.id for e in split}
     assert all(e.question.endswith('?') for e in split)  # stage 1 applied data.question_mark
     assert c['input'] == len(split) and c['after_yes_no'] == c['input'] - c['yes_no']
