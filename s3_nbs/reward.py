@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 from .config import CHOICES, GeneratorConfig, S3Config
 from .corpus import format_docs
-from .generator import answer_messages, make_generator, run_sync
+from .generator import OpenAIChat, TransformersChat, answer_messages, make_generator, run_sync
 from .metrics import (agenacc_batch, ajudge_precision, check_prompt_style, judge_messages, judge_retry_messages,
                             parse_judge)
+from .retrieval import retriever_index_id
 from .store import JsonlStore
 
 # %% auto #0
-__all__ = ['REWARD_MODES', 'ACCURACIES', 'gbr', 'Graded', 'prompt_sha', 'AnswerGrader', 'RagCacheMiss', 'RagBaseline',
-           'RewardItem', 'GBRReward', 'make_grader', 'make_reward', 'trusted_accuracy']
+__all__ = ['REWARD_MODES', 'ACCURACIES', 'gbr', 'Graded', 'prompt_sha', 'AnswerGrader', 'RagCacheMiss', 'RagCacheMismatch',
+           'prompt_templates_sha', 'qa_sha', 'chat_backend', 'rag_build', 'regraded', 'RagBaseline', 'RewardItem',
+           'GBRReward', 'make_grader', 'make_reward', 'trusted_accuracy']
 
 # %% ../nbs/api/30_reward.ipynb #0006
 REWARD_MODES = ('gbr', 'gbr_plus_acc')
@@ -172,7 +174,7 @@ class AnswerGrader:
         "This grader's judge (its style and retries) measured on items whose truth is known (`s3_nbs.metrics.judge_precision`)."
         return await ajudge_precision(self.ajudge, preds, golds_list, questions, max_per_kind=max_per_kind, n_examples=n_examples)
 
-# %% ../nbs/api/30_reward.ipynb #0015
+# %% ../nbs/api/30_reward.ipynb #0017
 def _docs_of(hits) -> list[dict]:
     return [h['document'] if isinstance(h, dict) and 'document' in h else h for h in hits]
 
@@ -182,22 +184,113 @@ async def _maybe_await(x):
 class RagCacheMiss(RuntimeError):
     "Questions missing from the naive-RAG cache, with no retriever to compute them."
 
+class RagCacheMismatch(ValueError):
+    "A naive-RAG cache entry built another way (generator, prompts, accuracy, top-k, index) or for another question than asked."
+
+def prompt_templates_sha(style: str) -> str:
+    "sha256 (16 hex) of the answer and judge templates of prompt `style`, rendered with placeholders: a change of wording changes it."
+    q, c, p, g = '{question}', '{context}', '{prediction}', ['{gold}']
+    judge = judge_messages(q, p, g, style)
+    return _sha([answer_messages(q, c, style), judge, judge_retry_messages(judge, '{reply}')])[:16]
+
+def qa_sha(question: str, golds: Sequence[str]) -> str:
+    "sha256 (16 hex) of a question and its gold answers (stripped; the golds as a set): what a cache entry answers."
+    return _sha([question.strip(), sorted({str(g).strip() for g in golds})])[:16]
+
+def chat_backend(client) -> str:
+    "The kind of endpoint a chat client talks to: `transformers` (in process), `openai` (an OpenAI-compatible server), else its class name."
+    while getattr(client, 'inner', None) is not None: client = client.inner  # caching and logging wrappers
+    if isinstance(client, TransformersChat): return 'transformers'
+    if isinstance(client, OpenAIChat): return 'openai'
+    return type(client).__name__
+
+def rag_build(grader: AnswerGrader, topk: int, index_id: str | None) -> dict:
+    "What naive-RAG entries graded by `grader` over top-`topk` of index `index_id` are built with (an entry's `built_with`)."
+    judge = ({'model': str(getattr(grader.judge, 'model', '')), 'backend': chat_backend(grader.judge), 'retries': grader.judge_retries}
+             if grader.accuracy in ('genacc', 'judge') else None)
+    return {'generator': str(getattr(grader.generator, 'model', '')), 'backend': chat_backend(grader.generator),
+            'max_tokens': grader.max_tokens, 'prompts': grader.prompts, 'prompt_templates': prompt_templates_sha(grader.prompts),
+            'accuracy': grader.accuracy, 'judge': judge, 'topk': int(topk), 'index_id': index_id}
+
+_BUILD_KEYS = {'generator': 'generator.model', 'backend': 'generator.backend', 'max_tokens': 'generator.max_tokens',
+               'prompts': 'generator.prompts', 'accuracy': 'reward.accuracy', 'judge': 'generator.judge_model / generator.judge_retries',
+               'topk': 'retrieval.naive_topk', 'index_id': 'retrieval.retriever / retrieval.url (the index it searched)'}
+
+def regraded(entry: dict, accuracy: str) -> dict:
+    "A copy of a cache entry rewarded with `accuracy` (`span` or `em`) from its recorded grades, no new call: stage 03's fallback from an untrusted judge."
+    if accuracy not in ('span', 'em'): raise ValueError(f"an entry can be regraded to span or em (from its recorded grades), not {accuracy!r}")
+    return {**entry, 'acc': float(entry[accuracy]), 'accuracy': accuracy,
+            'built_with': {**entry['built_with'], 'accuracy': accuracy, 'judge': None}}
+
 class RagBaseline:
-    "Naive top-k RAG accuracy per question id, read from an append-only cache; missing entries are computed and added."
-    def __init__(self, path, grader: AnswerGrader, retriever=None, topk: int = 3):
+    """Naive top-k RAG accuracy per question id, read from an append-only cache whose entries record what they were built
+    with (checked on opening and on every lookup); missing entries are computed and added. `index_id` defaults to the
+    retriever's (`retriever_index_id`); without a retriever, to the one the cache records."""
+    def __init__(self, path, grader: AnswerGrader, retriever=None, topk: int = 3, index_id: str | None = None):
         self.store, self.grader, self.retriever, self.topk = JsonlStore(path), grader, retriever, topk
+        if index_id is None and retriever is not None:
+            index_id = retriever_index_id(retriever)
+            if index_id is None:
+                raise ValueError(f"cannot tell which index {retriever!r} searches (it has no index manifest): pass index_id=... "
+                                 "so that the naive-RAG cache records it")
+        self.build = rag_build(grader, topk, index_id)
         self.computed = 0
         self._computing: dict = {}  # question id -> the computation in flight (concurrent calls never compute one twice)
         self.check_entries()
 
+    def _mismatch(self, entry: dict, fld: str, want) -> RagCacheMismatch:
+        got = entry['built_with'].get(fld)
+        fix = (f"or set {_BUILD_KEYS[fld]} to match the cache" if fld in _BUILD_KEYS
+               else "(the prompt wording changed since the cache was built)")
+        if fld == 'accuracy': fix += ' (stage 03 records the accuracy it used as accuracy_used)'
+        return RagCacheMismatch(f"the naive-RAG cache {self.store.path} was built with {fld} {got!r} (entry {entry.get('id')!r}), "
+                                f"but this reward uses {fld} {want!r}: rebuild the cache with stage 03_rag_cache under this "
+                                f"config, {fix}")
+
+    def check_entry(self, entry: dict) -> dict:
+        "`entry` when it was built the way this baseline builds entries, else `RagCacheMismatch` naming the field."
+        if not isinstance(entry.get('built_with'), dict):
+            raise RagCacheMismatch(f"entry {entry.get('id')!r} of the naive-RAG cache {self.store.path} does not record what it was "
+                                   "built with (generator, prompts, accuracy, top-k, index: caches written before these records "
+                                   "existed): rebuild the cache with stage 03_rag_cache")
+        for fld, want in self.build.items():
+            if entry['built_with'].get(fld) != want: raise self._mismatch(entry, fld, want)
+        return entry
+
     def check_entries(self) -> None:
-        "Refuse a cache whose entries say they were graded with another prompt style or accuracy than this grader's."
-        for fld, want, hint in (('prompts', self.grader.prompts, 'generator.prompts'), ('accuracy', self.grader.accuracy, 'reward.accuracy')):
-            other = sorted({str(r[fld]) for r in self.store if r.get(fld) is not None and r[fld] != want})
-            if other:
-                raise ValueError(f"the naive-RAG cache {self.store.path} was graded with {fld} {', '.join(other)}, but this reward "
-                                 f"uses {want!r}: build the cache with the same {hint} (stage 03_rag_cache), or set {hint}="
-                                 f"{other[0]} (stage 03 records the accuracy it used as accuracy_used)")
+        "Check every entry (`check_entry`); without an index id, take the one the cache records (refusing a cache of several)."
+        if self.build['index_id'] is None:
+            found = {e['built_with'].get('index_id') for e in self.store if isinstance(e.get('built_with'), dict)}
+            if len(found) > 1:
+                raise RagCacheMismatch(f"the naive-RAG cache {self.store.path} mixes entries built over the indexes "
+                                       f"{', '.join(sorted(map(str, found)))}: rebuild it with stage 03_rag_cache")
+            if found: self.build['index_id'] = found.pop()
+        for e in self.store: self.check_entry(e)
+
+    def check_question(self, entry: dict, question: str, golds: Sequence[str]) -> dict:
+        "`entry` when it answers `question` with `golds`, else `RagCacheMismatch`: one id, two questions."
+        if entry.get('qa_sha') != qa_sha(question, golds):
+            raise RagCacheMismatch(f"the naive-RAG cache {self.store.path} holds id {entry.get('id')!r} for the question "
+                                   f"{entry.get('question')!r} with golden_answers {entry.get('golden_answers')!r}, but the rollout asks "
+                                   f"{question!r} with golden_answers {list(golds)!r}: an id must name the same question (and golds) "
+                                   "in the data and in the cache; rebuild the cache with stage 03_rag_cache for this data")
+        return entry
+
+    def check_items(self, ids, questions, golds) -> None:
+        "Refuse (`RagCacheMismatch`) rollouts whose id is cached for another question or other golds; computes nothing."
+        for i, q, g in zip(ids, questions, golds):
+            e = self.store.get(str(i))
+            if e is not None: self.check_question(self.check_entry(e), q, g)
+
+    def entry(self, id, question: str, golds: Sequence[str], docs: Sequence[dict] | None = None, graded: Graded | None = None,
+              **fields) -> dict:
+        "A cache entry as this baseline writes it: question, golds, `qa_sha`, `built_with`, with `docs` their ids and request address, the grades, then `fields`."
+        e = {'id': str(id), 'question': question, 'golden_answers': list(golds), 'qa_sha': qa_sha(question, golds),
+             'built_with': dict(self.build), 'prompts': self.grader.prompts, 'accuracy': self.grader.accuracy}
+        if docs is not None:
+            e |= {'doc_ids': [d.get('id') for d in docs], 'prompt_sha': prompt_sha(question, format_docs(docs), self.grader.prompts)}
+        if graded is not None: e |= asdict(graded)
+        return e | fields
 
     async def acompute(self, ids, questions, golds) -> list[dict]:
         "Retrieve top-k for every question, answer, grade, append to the cache; returns the new entries."
@@ -208,10 +301,7 @@ class RagBaseline:
         hits = await _maybe_await(self.retriever.batch_search(list(questions), self.topk))
         docs = [_docs_of(h) for h in hits]
         graded = await self.grader.agrade(questions, golds, [format_docs(d) for d in docs])
-        g = self.grader
-        entries = [{'id': i, 'question': q, 'golden_answers': list(gs), 'doc_ids': [d.get('id') for d in ds],
-                    'prompt_sha': prompt_sha(q, format_docs(ds), g.prompts), 'prompts': g.prompts, 'accuracy': g.accuracy, **asdict(r)}
-                   for i, q, gs, ds, r in zip(ids, questions, golds, docs, graded)]
+        entries = [self.entry(i, q, gs, ds, r) for i, q, gs, ds, r in zip(ids, questions, golds, docs, graded)]
         self.store.append(entries)
         self.computed += len(entries)
         return entries
@@ -221,8 +311,9 @@ class RagBaseline:
         return [self.store.get(str(i)) for i in ids]
 
     async def aget(self, ids, questions, golds) -> list[dict]:
-        "Cache entries for `ids`, computing the missing ones in one batch."
+        "Cache entries for `ids` (each checked against this baseline's build and its question and golds), computing the missing ones in one batch."
         ids = [str(i) for i in ids]
+        self.check_items(ids, questions, golds)
         miss = set(self.store.missing(ids))
         waits = {self._computing[i] for i in miss if i in self._computing}  # being computed for a concurrent call
         todo = list({i: (i, q, g) for i, q, g in zip(ids, questions, golds) if i in miss and i not in self._computing}.values())
@@ -232,9 +323,9 @@ class RagBaseline:
             fut.add_done_callback(lambda f, keys=[i for i, _, _ in todo]: [self._computing.pop(k, None) for k in keys])
             waits.add(fut)
         if waits: await asyncio.gather(*[asyncio.shield(f) for f in waits])
-        return [self.store[i] for i in ids]
+        return [self.check_question(self.check_entry(self.store[i]), q, g) for i, q, g in zip(ids, questions, golds)]
 
-# %% ../nbs/api/30_reward.ipynb #0017
+# %% ../nbs/api/30_reward.ipynb #0019
 @dataclass
 class RewardItem:
     "What the reward needs from one rollout: the question and the gathered context as documents (never re-parsed text)."
@@ -253,6 +344,7 @@ class GBRReward:
     async def ascore(self, items: Sequence[RewardItem]) -> list[dict]:
         "One dict per item: reward, acc_s3, acc_rag, the s3 answer and its grades, the RAG side's span/judge/GenAcc, the mode."
         if not items: return []
+        self.baseline.check_items([it.id for it in items], [it.question for it in items], [it.golden_answers for it in items])
         for k in self.baseline.peek([it.id for it in items]):  # what the cached RAG requests already answered
             if not k or k.get('answer') is None: continue
             if k.get('prompt_sha'): self.grader.remember_answer(k['prompt_sha'], k['answer'])  # D_s3 == D_RAG: no call
@@ -278,12 +370,12 @@ def make_grader(cfg: S3Config, generator=None, judge=None) -> AnswerGrader:
     return AnswerGrader(gen, jud, cfg.reward.accuracy, cfg.generator.max_tokens, prompts=cfg.generator.prompts,
                         judge_retries=cfg.generator.judge_retries)
 
-def make_reward(cfg: S3Config, rag_cache, retriever=None, generator=None, judge=None) -> GBRReward:
-    "A `GBRReward` wired from the config (`make_grader`; generator and judge from `cfg.generator` unless given)."
+def make_reward(cfg: S3Config, rag_cache, retriever=None, generator=None, judge=None, index_id: str | None = None) -> GBRReward:
+    "A `GBRReward` wired from the config (`make_grader`; generator and judge from `cfg.generator` unless given) over the naive-RAG cache `rag_cache`."
     grader = make_grader(cfg, generator, judge)
-    return GBRReward(grader, RagBaseline(rag_cache, grader, retriever, cfg.retrieval.naive_topk), cfg.reward.mode)
+    return GBRReward(grader, RagBaseline(rag_cache, grader, retriever, cfg.retrieval.naive_topk, index_id), cfg.reward.mode)
 
-# %% ../nbs/api/30_reward.ipynb #c4a1b002
+# %% ../nbs/api/30_reward.ipynb #0025
 def trusted_accuracy(accuracy: str, report: dict | None, min_precision: float = 0.0) -> tuple[str, str]:
     "The accuracy to use after measuring the judge (`report`: a `judge_precision` result) and why: `span` when a judge-based accuracy's judge is below `min_precision`."
     if accuracy not in ('genacc', 'judge'): return accuracy, f"reward.accuracy is {accuracy}: no judge involved"

@@ -13,8 +13,9 @@ from fastapi.responses import Response
 from .config import get_logger
 from .generator import run_sync
 from .retrieval import RetrievalClient, RetrievalError
-from .reward import GBRReward, RagCacheMiss, RewardItem
-from .server import RequestError, _is_json_type, _is_loopback, add_error_handlers, bearer_auth, read_body, render_json
+from .net import is_loopback
+from .reward import GBRReward, RagCacheMismatch, RagCacheMiss, RewardItem
+from .server import RequestError, _is_json_type, add_error_handlers, bearer_auth, read_body, render_json
 
 # %% auto #0
 __all__ = ['MAX_ITEMS', 'MAX_DOCS', 'parse_reward_item', 'parse_score_request', 'item_json', 'RewardBatcher', 'reward_app',
@@ -32,7 +33,7 @@ def _as_list(x):
     return x.tolist() if hasattr(x, 'tolist') and not isinstance(x, (str, bytes)) else x  # numpy arrays from verl batches
 
 def parse_reward_item(obj, where: str = 'item') -> RewardItem:
-    "A validated `RewardItem` from one JSON object (`id`, `question`, `golden_answers`, `docs`, optional `data_source`); `RequestError` (422) names the bad field."
+    "A validated `RewardItem` from one JSON object (`id`, `question`, `golden_answers` (stripped, empty ones dropped, at least one left), `docs`, optional `data_source`); `RequestError` (422) names the bad field."
     if not isinstance(obj, Mapping): _bad(where, f"must be an object with fields {', '.join(_ITEM_FIELDS[:4])}")
     unknown = sorted(set(obj) - set(_ITEM_FIELDS))
     if unknown: _bad(f"{where}.{unknown[0]}", f"is not a field of a rollout (fields: {', '.join(_ITEM_FIELDS)})")
@@ -45,6 +46,10 @@ def parse_reward_item(obj, where: str = 'item') -> RewardItem:
     if isinstance(golds, str): golds = [golds]
     if not isinstance(golds, list) or not all(isinstance(g, str) for g in golds):
         _bad(f"{where}.golden_answers", "must be a list of strings")
+    raw, golds = golds, [g.strip() for g in golds if g.strip()]
+    if not golds:
+        _bad(f"{where}.golden_answers", f"holds no non-empty answer (got {json.dumps(raw)[:80]}): a rollout is graded against at "
+             "least one gold answer, and empty or whitespace-only ones do not count (the data loaders refuse them too)")
     docs = _as_list(obj.get('docs'))
     if not isinstance(docs, list): _bad(f"{where}.docs", "must be a list of documents {\"id\", \"contents\"} (the gathered context D_s3)")
     if len(docs) > MAX_DOCS: _bad(f"{where}.docs", f"has {len(docs)} documents, more than the limit of {MAX_DOCS}")
@@ -142,7 +147,8 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
                info: Mapping | None = None) -> FastAPI:
     """The reward service: `POST /score {"items": [rollout, ...]}` -> `{"results": [reward dict, ...]}` (concurrent requests
     micro-batched by a `RewardBatcher`), `GET /health`. A rollout missing from the naive-RAG cache when the cache
-    cannot compute it (no retriever) is refused with 422 before batching, so it never fails other callers' batch.
+    cannot compute it (no retriever), or whose id the cache holds for another question or other golds, is refused
+    with 422 before batching, so it never fails other callers' batch.
     `info` (e.g. the resolved config) is shown by `/health`."""
     from contextlib import asynccontextmanager
     batcher, started = RewardBatcher(reward, wait_ms, max_batch), time.time()
@@ -162,6 +168,8 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
         "GBR rewards for a list of rollouts."
         check_auth(request)
         items = parse_score_request(await read_body(request, max_body_bytes), request.headers.get('content-type'), max_items)
+        try: reward.baseline.check_items([it.id for it in items], [it.question for it in items], [it.golden_answers for it in items])
+        except RagCacheMismatch as e: raise RequestError(422, str(e), 'items') from None
         if reward.baseline.retriever is None:
             missing = [it.id for it, k in zip(items, reward.baseline.peek([it.id for it in items])) if k is None]
             if missing:
@@ -170,7 +178,7 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
                                    "(run stage 03_rag_cache for them, or start the service with --retrieval-url)", 'items')
         try: results = await asyncio.wait_for(asyncio.shield(batcher.score(items)), request_timeout_s)
         except asyncio.TimeoutError: raise RequestError(504, f"scoring took longer than {request_timeout_s} s", None) from None
-        except RagCacheMiss as e: raise RequestError(422, str(e), 'items') from None
+        except (RagCacheMiss, RagCacheMismatch) as e: raise RequestError(422, str(e), 'items') from None
         except Exception as e:
             _log.exception("scoring failed")
             raise RequestError(503, f"scoring failed (generator, judge or retriever): {type(e).__name__}: {e}", None,
@@ -185,7 +193,8 @@ def reward_app(reward: GBRReward, *, token: str | None = None, wait_ms: float = 
         return {'status': 'ok', 'uptime_s': round(time.time() - started, 1), 'mode': reward.mode, 'accuracy': g.accuracy,
                 'prompts': g.prompts, 'max_tokens': g.max_tokens, 'judge_retries': g.judge_retries,
                 'generator': getattr(g.generator, 'model', type(g.generator).__name__), 'rag_cache': str(reward.baseline.store.path),
-                'rag_cache_entries': len(reward.baseline.store), 'calls': dict(g.calls),
+                'rag_cache_entries': len(reward.baseline.store),
+                'rag_cache_built_with': reward.baseline.build, 'calls': dict(g.calls),
                 'batching': {**batcher.stats, 'in_flight': batcher.in_flight(), 'wait_ms': wait_ms, 'max_batch': max_batch},
                 **({'info': dict(info)} if info else {})}
 
@@ -275,7 +284,7 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
     if len(urls) > 1: raise ValueError(f"the samples of one batch name different reward services: {sorted(urls)}")
     return [_verl_result(r) for r in run_sync(_score_items(items, urls.pop() if urls else ''))]
 
-# %% ../nbs/api/31_reward_service.ipynb #0024
+# %% ../nbs/api/31_reward_service.ipynb #0030
 def serve_reward(rag_cache, config='smoke', overrides: Sequence[str] = (), host: str = '127.0.0.1', port: int = 3200,
                  retrieval_url: str | None = None, token: str | None = None, wait_ms: float = 10.0, log_level: str = 'info') -> None:
     "Serve the GBR reward of config `config` (with `overrides`) over `rag_cache` on `host:port` until interrupted."
@@ -288,7 +297,7 @@ def serve_reward(rag_cache, config='smoke', overrides: Sequence[str] = (), host:
         raise FileNotFoundError(f"no naive-RAG cache at {rag_cache}: build one with `s3 run 03_rag_cache`, or pass --retrieval-url")
     cfg = resolve_config(config, cli=parse_assignments(list(overrides)))
     token = token if token is not None else (os.environ.get('S3_REWARD_TOKEN') or None)
-    if not _is_loopback(host) and token is None:
+    if not is_loopback(host) and token is None:
         _log.warning(f"serving on {host} without a token: anyone who can reach port {port} can spend generator calls")
     reward = make_reward(cfg, rag_cache, retriever=RetrievalClient(retrieval_url) if retrieval_url else None)
     conf = config_to_dict(cfg)

@@ -11,13 +11,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import httpx
 import numpy as np
 from .config import SearcherConfig, get_logger
+from .net import TRANSIENT, RetryPolicy, check_response, describe, error_text
 from .searcher import (STOP, Generation, PromptTemplate, SearchResult, Trajectory, cut_generation, load_template,
                              search_steps, token_pieces)
 
 # %% auto #0
-__all__ = ['GQA_ATTENTION', 'RETRY_STATUS', 'gqa_sdpa_attention', 'register_gqa_attention', 'gqa_attention', 'HFPolicy',
-           'OpenAIPolicy', 'run_sync', 'arun_searcher', 'run_searcher', 'collate', 'summarize', 'turn_report',
-           'turn_table']
+__all__ = ['GQA_ATTENTION', 'KV_LAYERS', 'gqa_sdpa_attention', 'register_gqa_attention', 'gqa_attention', 'HFPolicy',
+           'check_transformers_internals', 'OpenAIPolicy', 'run_in_new_loop', 'arun_searcher', 'run_searcher',
+           'collate', 'summarize_search', 'turn_report', 'turn_table']
 
 # %% ../nbs/api/41_rollout.ipynb #0006
 _log = get_logger('s3_nbs.rollout')
@@ -116,9 +117,8 @@ def _buffer_layer_cls():
             self._k, self._v, self._n = k, v, n
             if k is not None:
                 self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
-                self.keys, self.values = k[..., :n, :], v[..., :n, :]
-        def lazy_initialization(self, key_states, value_states):
-            super().lazy_initialization(key_states, value_states)
+                self._view()
+        def _view(self): self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized: self.lazy_initialization(key_states, value_states)
             n, add = self._n, key_states.shape[-2]
@@ -131,13 +131,36 @@ def _buffer_layer_cls():
             self._k[..., n:n + add, :] = key_states
             self._v[..., n:n + add, :] = value_states
             self._n = n + add
-            self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
+            self._view()
             return self.keys, self.values
+        def batch_select_indices(self, indices):
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+            self._view()
         def crop(self, max_length: int): raise NotImplementedError
-        def batch_select_indices(self, indices): raise NotImplementedError
         def batch_repeat_interleave(self, repeats: int): raise NotImplementedError
 
     return BufferLayer
+
+KV_LAYERS = ('buffer', 'dynamic')
+
+def _kv_cache(model, kv=None, n: int = 0, kv_layer: str = 'buffer'):
+    """A `DynamicCache` for `model`, empty or holding the first `n` positions of `kv` (per layer `(keys, values)`,
+    `[B, H, >= n, D]`). `buffer`: `BufferLayer`s that go on writing into `kv`'s room past `n`; `dynamic`:
+    transformers' own `DynamicLayer`s, filled through the public `Cache.update` (a copy, then a `torch.cat` per step)."""
+    from transformers.cache_utils import DynamicCache
+    cache = DynamicCache(config=model.config)
+    if kv_layer == 'buffer':
+        BufferLayer = _buffer_layer_cls()
+        cache.layers = [BufferLayer() for _ in cache.layers] if kv is None else [BufferLayer(k, v, n) for k, v in kv]
+    elif kv is not None:
+        for i, (k, v) in enumerate(kv): cache.update(k[..., :n, :], v[..., :n, :], i)
+    return cache
+
+def _with_room(x, n: int, size: int):
+    "A `[1, H, size, D]` tensor whose first `n` positions are those of `x` (`[H, >= n, D]`), the rest uninitialised."
+    out = x.new_empty(1, x.shape[0], size, x.shape[-1])
+    out[0, :, :n] = x[:, :n]
+    return out
 
 class _PrefixTable:
     """Token-id arrays, each with a payload; `best(ctx)` finds the one sharing the longest prefix with `ctx` in one
@@ -184,13 +207,15 @@ def _sample(logits, greedy: bool, temperature: float, top_p: float):
 class HFPolicy:
     "A local Hugging Face causal LM as the searcher policy: batched generation, token ids and log-probs out."
     def __init__(self, model, tokenizer=None, device: str | None = None, dtype=None, max_batch: int = 64,
-                 engine: str = 'auto', reuse_cache: bool = True):
+                 engine: str = 'auto', reuse_cache: bool = True, kv_layer: str = 'buffer', gqa: bool = True):
         from s3_nbs.models import load_causal_lm, load_tokenizer
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer or load_tokenizer(model)
             model = load_causal_lm(model, dtype=dtype or 'inference', device=None if device in (None, 'auto') else device)
         if tokenizer is None: raise ValueError("pass the tokenizer with a loaded model")
         if engine not in ('auto', 's3', 'hf'): raise ValueError(f"engine must be auto, s3 or hf, got {engine!r}")
+        if kv_layer not in KV_LAYERS: raise ValueError(f"kv_layer must be one of {', '.join(KV_LAYERS)}, got {kv_layer!r}")
+        self.kv_layer, self.gqa = kv_layer, gqa
         self.model, self.tokenizer, self.max_batch, self.reuse_cache = model.eval(), tokenizer, max_batch, reuse_cache
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
@@ -201,7 +226,12 @@ class HFPolicy:
         self.stats = dict(calls=0, rows=0, prefill_tokens=0, reused_tokens=0, decode_steps=0)
 
     def __repr__(self):
-        return f"HFPolicy({self.model.config._name_or_path!r}, device={self.model.device}, engine={self.engine}, max_batch={self.max_batch})"
+        return (f"HFPolicy({self.model.config._name_or_path!r}, device={self.model.device}, engine={self.engine}, "
+                f"kv_layer={self.kv_layer}, gqa={self.gqa}, max_batch={self.max_batch})")
+
+    def _attention(self):
+        "The attention switch used while generating (`gqa_attention`, or nothing with `gqa=False`)."
+        return gqa_attention(self.model) if self.gqa else contextlib.nullcontext()
 
     def _pick_engine(self) -> str:
         from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -253,28 +283,20 @@ class HFPolicy:
     # -- s3 engine ---------------------------------------------------------------------------------------------
     def _s3_generate(self, contexts, budgets, store, greedy, temperature, top_p, stop):
         import torch
-        BufferLayer = _buffer_layer_cls()
-        from transformers.cache_utils import DynamicCache
-        model, dev = self.model, self.model.device
+        model, dev, layer = self.model, self.model.device, self.kv_layer
         B, T = len(contexts), max(1, max(budgets))
         # prefix sources, by longest common token prefix: the kept rows of the previous call (a row's own previous
         # turn matches its whole kept length) and the rows prefilled in this call (the shared instructions)
         table, here = _PrefixTable(store), _PrefixTable()
         rows_kv, last = [], []
-        with torch.no_grad(), gqa_attention(model):
+        with torch.no_grad(), self._attention():
             for ctx in contexts:  # prefill each row's new tokens on its own: no padding
                 arr = np.asarray(ctx, dtype=np.int64)
                 n, kv = max(table.best(arr), here.best(arr), key=lambda t: t[0])
                 if n == len(ctx): n -= 1  # always feed at least one token to get the next-token logits
-                cache = DynamicCache(config=model.config)
-                if kv is None: cache.layers = [BufferLayer() for _ in cache.layers]
-                else:
-                    layers = []
-                    for k, v in kv:
-                        kb = k.new_empty(1, k.shape[0], len(ctx), k.shape[-1]); vb = v.new_empty(1, v.shape[0], len(ctx), v.shape[-1])
-                        kb[0, :, :n] = k[:, :n]; vb[0, :, :n] = v[:, :n]
-                        layers.append(BufferLayer(kb, vb, n))
-                    cache.layers = layers
+                if kv is None: cache = _kv_cache(model, kv_layer=layer)
+                elif layer == 'buffer': cache = _kv_cache(model, [(_with_room(k, n, len(ctx)), _with_room(v, n, len(ctx))) for k, v in kv], n)
+                else: cache = _kv_cache(model, [(k[None], v[None]) for k, v in kv], n, layer)
                 x = torch.tensor([list(ctx[n:])], device=dev)
                 o = model(input_ids=x, position_ids=torch.arange(n, len(ctx), device=dev)[None], past_key_values=cache,
                           use_cache=True, logits_to_keep=1)
@@ -285,15 +307,17 @@ class HFPolicy:
             store = here = table = None  # let the previous call's buffers go before allocating the decode buffer
             lens = [len(c) for c in contexts]
             L = max(lens)
+            room = L + T if layer == 'buffer' else L  # the buffer layer decodes in place; DynamicLayer concatenates
             layers = []
             for li in range(len(rows_kv[0])):
                 k0 = rows_kv[0][li][0]
-                kb = k0.new_zeros(B, k0.shape[0], L + T, k0.shape[-1]); vb = k0.new_zeros(B, k0.shape[0], L + T, k0.shape[-1])
+                kb = k0.new_zeros(B, k0.shape[0], room, k0.shape[-1]); vb = k0.new_zeros(B, k0.shape[0], room, k0.shape[-1])
                 for i, kv in enumerate(rows_kv):
                     kb[i, :, L - lens[i]:L] = kv[li][0]; vb[i, :, L - lens[i]:L] = kv[li][1]
-                layers.append(BufferLayer(kb, vb, L))
+                layers.append((kb, vb))
             del rows_kv
-            cache = DynamicCache(config=model.config); cache.layers = layers
+            cache = _kv_cache(model, layers, L, layer)
+            layers = cache.layers
             mask = torch.zeros(B, L + T, dtype=torch.long, device=dev)
             for i, n in enumerate(lens): mask[i, L - n:L] = 1
             pos = torch.tensor(lens, device=dev)
@@ -316,12 +340,10 @@ class HFPolicy:
                     for j, i in enumerate(idx):
                         if stopper.done[i] and self.reuse_cache:
                             f = min(len(toks[i]), fed)
-                            saved[i] = (f, [(l._k[j, :, L - lens[i]:L + f].clone(), l._v[j, :, L - lens[i]:L + f].clone())
+                            saved[i] = (f, [(l.keys[j, :, L - lens[i]:L + f].clone(), l.values[j, :, L - lens[i]:L + f].clone())
                                             for l in layers])
                     sel = torch.tensor(alive, device=dev)
-                    for l in layers:
-                        l._k, l._v = l._k.index_select(0, sel), l._v.index_select(0, sel)
-                        l.keys, l.values = l._k[..., :l._n, :], l._v[..., :l._n, :]
+                    for l in layers: l.batch_select_indices(sel)
                     mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
                     idx = [idx[j] for j in alive]
                 mask[:, L + t] = 1
@@ -338,7 +360,7 @@ class HFPolicy:
                 if i in saved: f, kv = saved[i]
                 else:
                     f, j = min(len(g.ids), fed), where[i]
-                    kv = [(l._k[j, :, L - lens[i]:L + f], l._v[j, :, L - lens[i]:L + f]) for l in layers]
+                    kv = [(l.keys[j, :, L - lens[i]:L + f], l.values[j, :, L - lens[i]:L + f]) for l in layers]
                 kept.append((np.asarray(list(ctx) + list(g.ids[:f]), dtype=np.int64), kv))
         return gens, kept
 
@@ -359,7 +381,7 @@ class HFPolicy:
                               top_k=0 if sample else None, min_p=0.0 if sample else None, typical_p=1.0, repetition_penalty=1.0,
                               no_repeat_ngram_size=0, min_new_tokens=0, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         rec, stopper = LogprobRecorder(), RowStop(self.tokenizer, stop, L, budgets, self.eos_ids)
-        with torch.no_grad(), gqa_attention(self.model):
+        with torch.no_grad(), self._attention():
             seq = self.model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=gc,
                                       logits_processor=LogitsProcessorList([rec]), stopping_criteria=StoppingCriteriaList([stopper]))
         gen = seq[:, L:]
@@ -368,17 +390,67 @@ class HFPolicy:
         self.stats['prefill_tokens'] += sum(len(c) for c in contexts); self.stats['decode_steps'] += len(gen[0]) if gen else 0
         return [cut_generation(g, self.tokenizer, stop, self.eos_ids, b, lp) for g, lp, b in zip(gen, lps, budgets)]
 
-# %% ../nbs/api/41_rollout.ipynb #0017
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# %% ../nbs/api/41_rollout.ipynb #ae85dd81
+def _internals_missing() -> list[str]:
+    "What the `s3` engine needs from transformers and does not find in the installed version."
+    try:
+        from transformers import AttentionInterface
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as e: return [f"an import failed ({e})"]
+    missing = [f"DynamicLayer.{a}" for a in ('lazy_initialization', 'update', 'get_seq_length', 'batch_select_indices')
+               if not callable(getattr(DynamicLayer, a, None))]
+    layer = DynamicLayer()
+    missing += [f"DynamicLayer().{a}" for a in ('keys', 'values', 'is_initialized') if not hasattr(layer, a)]
+    if list(inspect.signature(DynamicLayer.update).parameters)[1:3] != ['key_states', 'value_states']:
+        missing.append("DynamicLayer.update(key_states, value_states, ...)")
+    if not isinstance(getattr(DynamicCache(), 'layers', None), list): missing.append("DynamicCache().layers (a list)")
+    missing += [f"{c.__name__}.register" for c in (AttentionInterface, AttentionMaskInterface) if not callable(getattr(c, 'register', None))]
+    return missing
 
+def check_transformers_internals(model=None, tokenizer=None, max_new_tokens: int = 8) -> str:
+    """Check that the installed transformers still carries what the `s3` engine relies on (see above) and that, on
+    `model` (default: the tiny random Llama, fp32), greedy tokens with `BufferLayer` + `s3_gqa_sdpa` equal those with
+    transformers' own `DynamicLayer` + `sdpa` and those of `model.generate`, over two calls (the second reuses the
+    first one's caches). Returns the transformers version; raises `RuntimeError` naming it when anything differs."""
+    import transformers
+    problems = [f"missing: {', '.join(m)}"] if (m := _internals_missing()) else []
+    if not problems:
+        from s3_nbs.models import load_causal_lm, load_tokenizer, tiny_llama_dir
+        tok = tokenizer or load_tokenizer(tiny_llama_dir())
+        model = model if model is not None else load_causal_lm(tiny_llama_dir(), dtype='float32', device='cpu')
+        enc = lambda s: list(tok.encode(s, add_special_tokens=False))
+        shared = enc("You collect documents for a question. Question: ")
+        first = [shared + enc("Who designed the Eiffel Tower?"), shared + enc("Where is Dijon?"), enc("Hello")]
+        ways = {'BufferLayer + s3_gqa_sdpa': dict(engine='s3'), "DynamicLayer + sdpa": dict(engine='s3', kv_layer='dynamic', gqa=False),
+                'model.generate': dict(engine='hf')}
+        tokens = {}
+        for name, kw in ways.items():
+            try:
+                p = HFPolicy(model, tok, **kw)
+                a = p.generate(first, max_new_tokens, greedy=True)
+                b = p.generate([c + g.ids + enc(" Doc 1 (Title: X) y.") for c, g in zip(first, a)], max_new_tokens, greedy=True)
+                tokens[name] = [g.ids for g in a + b]
+            except Exception as e: problems.append(f"{name} failed: {type(e).__name__}: {e}")
+        ref = tokens.get('model.generate')
+        problems += [f"greedy tokens with {name} differ from model.generate's" for name, t in tokens.items() if ref is not None and t != ref]
+    if problems:
+        raise RuntimeError(f"transformers {transformers.__version__} breaks the rollout's s3 engine: {'; '.join(problems)}. "
+                           "Install the version of requirements/cpu.lock, or use HFPolicy(..., engine='hf') (model.generate) "
+                           "until s3_nbs.rollout is adapted to this version.")
+    return transformers.__version__
+
+# %% ../nbs/api/41_rollout.ipynb #0017
 class OpenAIPolicy:
     "A searcher policy behind an OpenAI-compatible `/v1/completions` endpoint (vLLM), with token ids in and out."
     def __init__(self, base_url: str, model: str, tokenizer, api_key_env: str = 'OPENAI_API_KEY', concurrency: int = 16,
-                 timeout_s: float = 120.0, max_retries: int = 3, backoff_s: float = 0.5, eos_ids: Sequence[int] | None = None,
-                 extra_body: Mapping | None = None, transport: httpx.AsyncBaseTransport | None = None):
+                 timeout_s: float = 120.0, max_retries: int = 3, backoff_s: float = 0.5, max_backoff_s: float = 20.0,
+                 eos_ids: Sequence[int] | None = None, extra_body: Mapping | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.url = base_url.rstrip('/') + ('' if base_url.rstrip('/').endswith('/completions') else '/completions')
         self.model, self.tokenizer, self.concurrency = model, tokenizer, concurrency
-        self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
+        self.timeout_s, self.retry = timeout_s, RetryPolicy(max_retries, backoff_s, max_backoff_s)
         self.eos_ids = list(eos_ids) if eos_ids is not None else ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         self.extra_body, self.transport = dict(extra_body or {}), transport
         key = os.environ.get(api_key_env) if api_key_env else None
@@ -416,20 +488,21 @@ class OpenAIPolicy:
         return g
 
     async def _one(self, client, sem, body) -> Mapping:
-        async with sem:
-            for attempt in range(self.max_retries + 1):
-                self.stats['requests'] += 1
-                resp, err = None, None
-                try: resp = await client.post(self.url, json=body)
-                except httpx.TransportError as e: err = f"{type(e).__name__}: {e}"
-                if resp is not None and resp.status_code < 400:
+        "The first choice of one completion request, retried through `self.retry`."
+        n = 0
+        def retried(exc): self.stats['retries'] += 1
+        try:
+            async for attempt in self.retry.retrying(on_retry=retried):
+                with attempt:
+                    n = attempt.retry_state.attempt_number
+                    async with sem:
+                        self.stats['requests'] += 1
+                        resp = check_response(await client.post(self.url, json=body))
+                    if resp.status_code >= 400:
+                        raise RuntimeError(f"{self.url} refused the request (HTTP {resp.status_code}): {error_text(resp)}")
                     return resp.json()['choices'][0]
-                if resp is not None and resp.status_code not in RETRY_STATUS:
-                    raise RuntimeError(f"{self.url} refused the request (HTTP {resp.status_code}): {resp.text[:300]}")
-                if attempt == self.max_retries:
-                    raise RuntimeError(f"{self.url} failed after {attempt + 1} attempts: {err or f'HTTP {resp.status_code}'}")
-                self.stats['retries'] += 1
-                await asyncio.sleep(self.backoff_s * 2 ** attempt)
+        except TRANSIENT as e:
+            raise RuntimeError(f"{self.url} failed after {n} attempt{'s' if n != 1 else ''}: {describe(e)}") from e
 
     async def agenerate(self, contexts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *, greedy: bool = False,
                         temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] = (STOP,), **_) -> list[Generation]:
@@ -444,11 +517,13 @@ class OpenAIPolicy:
 
     def generate(self, contexts, max_new_tokens, **kw) -> list[Generation]:
         "Synchronous `agenerate` (works inside a running event loop too)."
-        return run_sync(self.agenerate(contexts, max_new_tokens, **kw))
+        return run_in_new_loop(self.agenerate(contexts, max_new_tokens, **kw))
 
 # %% ../nbs/api/41_rollout.ipynb #0018
-def run_sync(coro):
-    "Run a coroutine to completion from synchronous code, also inside a running event loop (Jupyter)."
+def run_in_new_loop(coro):
+    """Run a coroutine to completion on an event loop of its own: `asyncio.run` in this thread, or in a new thread
+    when this one already runs a loop (Jupyter). Unlike `s3_nbs.generator.run_sync` (one shared background loop), a
+    rollout that blocks its loop with local generation never holds up the generator's and judge's clients."""
     try: asyncio.get_running_loop()
     except RuntimeError: return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(1) as ex: return ex.submit(asyncio.run, coro).result()
@@ -521,7 +596,7 @@ async def arun_searcher(questions: Sequence, policy, retriever, tokenizer=None, 
 
 def run_searcher(questions: Sequence, policy, retriever, tokenizer=None, cfg: SearcherConfig | None = None, **kw) -> list[SearchResult]:
     "Synchronous `arun_searcher` (also inside Jupyter's running event loop)."
-    return run_sync(arun_searcher(questions, policy, retriever, tokenizer, cfg, **kw))
+    return run_in_new_loop(arun_searcher(questions, policy, retriever, tokenizer, cfg, **kw))
 
 # %% ../nbs/api/41_rollout.ipynb #0033
 def collate(results: Sequence[SearchResult], pad_id: int, device=None) -> dict:
@@ -547,8 +622,8 @@ def collate(results: Sequence[SearchResult], pad_id: int, device=None) -> dict:
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 # %% ../nbs/api/41_rollout.ipynb #0036
-def summarize(results: Sequence[SearchResult]) -> dict:
-    "Counts and rates over results: turns, searches, documents per question, selections, invalid actions, finishes."
+def summarize_search(results: Sequence[SearchResult]) -> dict:
+    "Counts and rates over searcher results: turns, searches, documents per question, selections, invalid actions, finishes."
     n = len(results)
     turns = sum(r.n_turns for r in results)
     hist = lambda xs: dict(sorted(collections.Counter(xs).items()))

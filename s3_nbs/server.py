@@ -7,16 +7,18 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/server.html.md"""
 # %% ../nbs/api/11_server.ipynb #0003
 from __future__ import annotations
 import asyncio, hmac, json, math, os, socket, threading, time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+import cachetools
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import get_logger
+from .net import is_loopback
+from .retrieval import manifest_id
 
 # %% auto #0
 __all__ = ['EXAMPLE_BODY', 'RequestError', 'RetrieveRequest', 'parse_retrieve_request', 'LRUCache', 'format_result',
@@ -96,28 +98,27 @@ def parse_retrieve_request(body: bytes | str, content_type: str | None = 'applic
     return RetrieveRequest(queries=qs, topk=topk, return_scores=rs, retriever=name)
 
 # %% ../nbs/api/11_server.ipynb #0012
+_MISS = object()
+
 class LRUCache:
-    "A small least-recently-used cache with hit/miss counters (`maxsize=0` disables it)."
+    "A thread-safe `cachetools.LRUCache` with hit/miss counters (`maxsize=0` disables it)."
     def __init__(self, maxsize: int = 20_000):
         self.maxsize, self.hits, self.misses = maxsize, 0, 0
-        self._d: OrderedDict = OrderedDict()
+        self._c = cachetools.LRUCache(maxsize) if maxsize > 0 else {}
         self._lock = threading.Lock()
-    def __len__(self): return len(self._d)
+    def __len__(self): return len(self._c)
     def get(self, key, default=None):
         with self._lock:
-            if key in self._d:
-                self._d.move_to_end(key); self.hits += 1
-                return self._d[key]
-            self.misses += 1
-            return default
+            v = self._c.get(key, _MISS)
+            if v is _MISS: self.misses += 1; return default
+            self.hits += 1
+            return v
     def put(self, key, value) -> None:
         if self.maxsize <= 0: return
-        with self._lock:
-            self._d[key] = value; self._d.move_to_end(key)
-            while len(self._d) > self.maxsize: self._d.popitem(last=False)
+        with self._lock: self._c[key] = value
     def stats(self) -> dict:
         "Size, capacity, hits and misses."
-        return dict(size=len(self._d), maxsize=self.maxsize, hits=self.hits, misses=self.misses)
+        return dict(size=len(self._c), maxsize=self.maxsize, hits=self.hits, misses=self.misses)
 
 # %% ../nbs/api/11_server.ipynb #0015
 def format_result(hits: Sequence[Mapping], return_scores: bool) -> list:
@@ -311,13 +312,13 @@ class MicroBatcher:
 _log = get_logger('s3_nbs.server')
 
 def retriever_info(retriever) -> dict:
-    "Kind, size, encoder and index type of a retriever (for `/health`)."
+    "Kind, size, encoder, index type and `index_id` (the `manifest_id` of its index; None without a manifest) of a retriever (for `/health`)."
     m = getattr(retriever, 'manifest', None) or {}
     try: count = len(retriever)
     except TypeError: count = m.get('count')
     enc = getattr(getattr(retriever, 'encoder', None), 'spec', None)
     return dict(kind=retriever_kind(retriever), count=count, encoder=m.get('encoder') or getattr(enc, 'name', None),
-                index_type=m.get('index_type'), backend=m.get('backend'))
+                index_type=m.get('index_type'), backend=m.get('backend'), index_id=manifest_id(m) if m else None)
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     "The request body, refused with `RequestError` 413 when it is over `max_bytes` (by its Content-Length, then as read)."
@@ -455,9 +456,6 @@ def baseline_app(retriever, default_topk: int = 3, per_query: bool | None = None
     return app
 
 # %% ../nbs/api/11_server.ipynb #0036
-def _is_loopback(host: str) -> bool:
-    return host in ('127.0.0.1', 'localhost', '::1') or host.startswith('127.')
-
 class ServerThread:
     "Run an ASGI app with uvicorn on a background thread; `url`, `stop()`, usable as a context manager."
     def __init__(self, app, host: str = '127.0.0.1', port: int = 0, log_level: str = 'warning', **uvicorn_kw):
@@ -522,7 +520,7 @@ def serve(*index_dirs, host: str = '127.0.0.1', port: int = 3000, default: str |
     import uvicorn
     if not index_dirs: raise ValueError("serve needs at least one index folder")
     token = token if token is not None else (os.environ.get('S3_RETRIEVER_TOKEN') or None)
-    if not _is_loopback(host) and token is None:
+    if not is_loopback(host) and token is None:
         _log.warning(f"serving on {host} without a token: anyone who can reach port {port} can query the index")
     retrievers = load_retrievers(index_dirs, batch_size=batch_size, device=device, bf16=bf16, length_buckets=length_buckets)
     app = create_app(retrievers, default=default, token=token, **app_kw)

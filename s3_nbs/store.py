@@ -1,4 +1,4 @@
-"""Crash-safe jsonl logs for long, resumable jobs: records are appended whole, a torn last line is dropped on reopen.
+"""Crash-safe jsonl logs for long, resumable jobs: records are appended whole under a file lock; readers never change the file, and only a writer holding the lock repairs a torn last line.
 
 Docs: https://s3-nbs.github.io/s3_nbs/api/store.html.md"""
 
@@ -6,39 +6,44 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/store.html.md"""
 
 # %% ../nbs/api/04_store.ipynb #0003
 from __future__ import annotations
-import json, os, threading
-from contextlib import contextmanager
+import contextlib, json, os, threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
+from filelock import FileLock, Timeout
 
 # %% auto #0
 __all__ = ['JsonlStore']
 
 # %% ../nbs/api/04_store.ipynb #0005
-@contextmanager
-def _flocked(f, on: bool = True):
-    "An exclusive `flock` on open file `f` for the block (no-op where `fcntl` is missing or `on` is false)."
-    try: import fcntl
-    except ImportError: fcntl = None
-    if not on or fcntl is None: yield; return
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try: yield
-    finally: fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def _last_line_start(f, size: int, chunk: int = 1 << 16) -> int:
+    "Offset just after the last newline of open binary file `f` of `size` bytes (0 when it holds none)."
+    pos = size
+    while pos > 0:
+        n = min(chunk, pos); pos -= n
+        f.seek(pos)
+        i = f.read(n).rfind(b'\n')
+        if i >= 0: return pos + i + 1
+    return 0
 
 class JsonlStore:
     """An append-only jsonl file of records keyed by `key` (a field name or a function of the record). `valid` says
-    which parsed records count (others are skipped); `lock` makes appends safe across processes."""
-    def __init__(self, path, key: str | Callable[[dict], str] = 'id', repair: bool = True,
-                 valid: Callable[[dict], bool] | None = None, lock: bool = False):
+    which parsed records count (others are skipped). Opening only reads; appends take the file lock and repair a torn
+    last line first (`lock=False`: this process is the file's only writer)."""
+    def __init__(self, path, key: str | Callable[[dict], str] = 'id', valid: Callable[[dict], bool] | None = None,
+                 lock: bool = True, repair: bool = False, lock_timeout_s: float = 600.0):
         self.path = Path(path)
         self.key = key if callable(key) else (lambda r, k=key: str(r[k]))
-        self.valid, self.lock = valid, lock
+        self.valid, self.lock, self.lock_timeout_s = valid, lock, lock_timeout_s
         self.records: dict[str, dict] = {}
-        self.dropped_bytes = 0  # bytes of a torn last line (removed from the file when `repair`)
-        self.skipped_lines = 0  # complete lines that are not valid records (left in the file, ignored)
+        self.dropped_bytes = 0   # bytes of a partial last line seen on opening (ignored, left in the file)
+        self.repaired_bytes = 0  # bytes of partial last lines this store cut while holding the lock
+        self.skipped_lines = 0   # complete lines that are not valid records (left in the file, ignored)
         self._lock = threading.Lock()
+        self._file_lock = FileLock(self.path.with_name(self.path.name + '.lock'), timeout=lock_timeout_s) if lock else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists(): self._load(repair)
+        if self.path.exists(): self._load()
+        if repair:
+            with self._writing(): pass
 
     def _parse(self, line: bytes) -> dict | None:
         try: rec = json.loads(line)
@@ -48,33 +53,54 @@ class JsonlStore:
         except (KeyError, TypeError): return None
         return rec
 
-    def _load(self, repair: bool):
-        with open(self.path, 'r+b' if repair else 'rb') as f, _flocked(f, self.lock and repair):
-            data = f.read()
-            lines = data.split(b'\n')
-            tail = lines.pop()  # b'' when the file ends with a newline, else an unterminated last line
-            for ln in lines:
-                if not ln.strip(): continue
-                rec = self._parse(ln)
-                if rec is None: self.skipped_lines += 1
-                else: self.records[self.key(rec)] = rec
-            if not tail.strip(): return
-            rec = self._parse(tail)
-            if rec is not None:  # complete, only its newline is missing
-                self.records[self.key(rec)] = rec
-                if repair: f.seek(0, 2); f.write(b'\n')
-            else:                # a write cut short
-                self.dropped_bytes = len(tail)
-                if repair: f.truncate(len(data) - len(tail))
-            if repair: f.flush(); os.fsync(f.fileno())
+    def _load(self) -> None:
+        "Read every complete record; never write (a partial last line may be another process's write in flight)."
+        with open(self.path, 'rb') as f: data = f.read()
+        lines = data.split(b'\n')
+        tail = lines.pop()  # b'' when the file ends with a newline, else an unterminated last line
+        for ln in lines:
+            if not ln.strip(): continue
+            rec = self._parse(ln)
+            if rec is None: self.skipped_lines += 1
+            else: self.records[self.key(rec)] = rec
+        if not tail.strip(): return
+        rec = self._parse(tail)
+        if rec is not None: self.records[self.key(rec)] = rec  # complete: only its newline is missing (or in flight)
+        else: self.dropped_bytes = len(tail)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        "Hold the thread lock and the file lock, and repair the file's last line, for the block."
+        with self._lock:
+            try: held = self._file_lock.acquire() if self._file_lock is not None else contextlib.nullcontext()
+            except Timeout:
+                raise TimeoutError(f"could not lock {self._file_lock.lock_file} within {self.lock_timeout_s:g} s: another "
+                                   f"process is writing {self.path} (or hung while holding the lock)") from None
+            with held:
+                self._repair()
+                yield
+
+    def _repair(self) -> None:
+        "With the lock held no write is in flight: cut a partial last line, or end a complete last record's line."
+        if not self.path.exists(): return
+        with open(self.path, 'r+b') as f:
+            size = f.seek(0, 2)
+            if size == 0: return
+            f.seek(size - 1)
+            if f.read(1) == b'\n': return
+            start = _last_line_start(f, size)
+            f.seek(start)
+            if self._parse(f.read()) is not None: f.seek(0, 2); f.write(b'\n')
+            else: f.truncate(start); self.repaired_bytes += size - start
+            f.flush(); os.fsync(f.fileno())
 
     def append(self, records: Iterable[dict], sync: bool = True) -> int:
-        "Append records durably (one write, then `fsync` unless `sync=False`); returns how many were written."
+        "Append records durably under the lock (one write, then `fsync` unless `sync=False`); returns how many were written."
         recs = list(records)
         if not recs: return 0
         blob = ''.join(json.dumps(r, ensure_ascii=False, default=str) + '\n' for r in recs).encode()
-        with self._lock:
-            with open(self.path, 'ab') as f, _flocked(f, self.lock):
+        with self._writing():
+            with open(self.path, 'ab') as f:
                 f.write(blob); f.flush()
                 if sync: os.fsync(f.fileno())
             for r in recs: self.records[self.key(r)] = r

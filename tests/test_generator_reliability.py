@@ -31,6 +31,7 @@ class Behaviour:
         self.delay_s = 0.0           # every request waits this long (for concurrency checks)
         self.retry_after = None      # a Retry-After header on failures
         self.repeat = 1              # answer size multiplier
+        self.null_first = 0          # the first N requests get a 200 whose message content is null
 
 
 def make_server(b: Behaviour) -> ThreadingHTTPServer:
@@ -59,6 +60,9 @@ def make_server(b: Behaviour) -> ThreadingHTTPServer:
                 if n <= b.fail_first or (b.fail_if and b.fail_if in user):
                     hdr = [('Retry-After', str(b.retry_after))] if b.retry_after is not None else []
                     return self._send(b.fail_status, {'error': {'message': f'injected failure #{n}'}}, hdr)
+                if n <= b.null_first:
+                    return self._send(200, {'object': 'chat.completion', 'model': req['model'], 'choices': [{
+                        'index': 0, 'finish_reason': 'stop', 'message': {'role': 'assistant', 'content': None}}]})
                 self._send(200, {'object': 'chat.completion', 'model': req['model'],
                                  'choices': [{'index': 0, 'finish_reason': 'stop', 'message': {
                                      'role': 'assistant', 'content': echo_answer(user, b.repeat)}}]})
@@ -154,6 +158,27 @@ def test_429_honours_retry_after(server):
     assert time.time() - t0 >= 0.3 and b.requests == 2
 
 
+def test_null_content_is_retried_not_graded_empty(server):
+    "A 200 whose content is null is a failed attempt: retried, counted, and the real answer returned (never '')."
+    url, b = server
+    b.null_first = 2
+    c = OpenAIChat(url, 'm', max_retries=3, **FAST)
+    assert c.chat([msgs('q')]) == [echo_answer('q')]
+    assert b.requests == 3
+    assert c.stats() == dict(requests=3, retries=2, failed=0, no_content=2)
+
+
+def test_null_content_forever_raises_clear_error(server):
+    url, b = server
+    b.null_first = 10**6
+    c = OpenAIChat(url, 'm', max_retries=2, **FAST)
+    with pytest.raises(GeneratorError, match=r'failed after 3 attempts: last status: HTTP 200 without an answer: '
+                                             r'choices\[0\]\.message\.content is null') as ei:
+        c.chat([msgs('q')])
+    assert (ei.value.attempts, b.requests) == (3, 3)
+    assert c.stats() == dict(requests=3, retries=2, failed=1, no_content=3)
+
+
 def test_concurrency_is_bounded(server):
     url, b = server
     b.delay_s = 0.05
@@ -197,9 +222,9 @@ BIG = 100_000  # ~2 MB answers: each cache line takes long enough to write that 
 def check_cache(path: Path, url: str, repeat: int) -> CachedChat:
     "Reopen the cache and check that every entry it returns is the right, complete answer."
     c = CachedChat(OpenAIChat(url, 'm'), path)
-    lines = path.read_bytes().split(b'\n')
-    assert lines[-1] == b''                                   # repaired: ends on a complete line
-    keys = {json.loads(ln)['key'] for ln in lines[:-1]}       # every remaining line parses
+    lines = path.read_bytes().split(b'\n')                    # opening only reads: a partial last line stays
+    assert c.skipped_lines == (lines[-1] != b'')              # ... and is ignored
+    keys = {json.loads(ln)['key'] for ln in lines[:-1]}       # every complete line parses
     assert len(keys) == len(c) > 0
     n_ok = 0
     for i in range(1000):
@@ -244,6 +269,7 @@ def test_cache_survives_kill_during_write(server, tmp_path):
         n = len(c)
         assert c.chat([msgs('after-crash')]) == [echo_answer('after-crash', BIG)]   # appends cleanly after the crash
         c.close()
+        assert path.read_bytes().endswith(b'\n') and c.repaired_bytes == c.partial_bytes  # the append cut it first
         assert len(CachedChat(OpenAIChat(url, 'm'), path)) == n + 1
     assert partial_kills > 0, "no kill landed inside a write: the crash path was not exercised"
 

@@ -9,6 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 S3 = str(Path(sys.executable).parent/'s3')
 
+pytestmark = pytest.mark.slow  # a real stage-3 run with a generator and a judge (make test-all, .ci/run)
+
 PASSAGES = [('Paris', 'Paris is the capital and largest city of France.'),
             ('Hamlet', 'Hamlet is a tragedy written by William Shakespeare around 1600.'),
             ('Danube', 'The Danube flows through Vienna, Budapest and Belgrade.'),

@@ -50,6 +50,7 @@ def test_bad_config_value_is_refused_before_running(tmp_outputs):
     assert not (tmp_outputs/'runs').exists() or not any((tmp_outputs/'runs').rglob('*.ipynb'))
 
 
+@pytest.mark.slow  # stages every notebook for the docs: minutes on 2 cores
 def test_docs_staging_runs_offline():
     r = subprocess.run([sys.executable, '-c', 'from nbdev.serve import proc_nbs; proc_nbs(n_workers=1, force=True)'], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)

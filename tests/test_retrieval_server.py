@@ -1,5 +1,6 @@
 """System tests of the retrieval server: a real uvicorn process on a loopback port serving real dense and BM25
-indexes over 200 passages, hit by concurrent clients, malformed requests and the original s3 client's request."""
+indexes over 200 passages, hit by concurrent clients, malformed requests and the original s3 client's request.
+The tests that need the server process are marked `service` (run by `make test-all`)."""
 import json, os, random, socket, subprocess, sys, textwrap, threading, time
 from pathlib import Path
 import pytest
@@ -79,6 +80,7 @@ def local(indexes):
     return {k: load_retriever(v, bf16='auto', length_buckets=True) for k, v in indexes.items()}
 
 
+@pytest.mark.service
 def test_health(server):
     h = server['health']
     assert h['status'] == 'ok' and h['default'] == 'dense'
@@ -88,6 +90,22 @@ def test_health(server):
     assert h['retrievers']['bm25']['kind'] == 'bm25'
 
 
+@pytest.mark.service
+def test_index_ids_come_from_the_manifests(server, indexes, local):
+    "`/health` reports each retriever's index id (its manifest's hash): what a client reads, the same as in process, not the URL."
+    from s3_nbs.index import read_manifest
+    from s3_nbs.retrieval import RetrievalClient, manifest_id, retriever_index_id
+    h = server['health']
+    for name in ('dense', 'bm25'):
+        want = manifest_id(read_manifest(indexes[name]))
+        assert h['retrievers'][name]['index_id'] == want == retriever_index_id(local[name])
+        with RetrievalClient(server['url'], retriever=name) as c: assert retriever_index_id(c) == want
+    assert h['retrievers']['dense']['index_id'] != h['retrievers']['bm25']['index_id']
+    with RetrievalClient(server['url'] + '/retrieve/dense') as c:  # another URL of the same server and index
+        assert c.index_id() == h['retrievers']['dense']['index_id']
+
+
+@pytest.mark.service
 def test_original_s3_client_request(server, local):
     "The request exactly as s3's generation code writes it, and its reading of the answer (plus Search-R1's shape)."
     url = server['url'] + '/retrieve'
@@ -115,6 +133,7 @@ def test_original_s3_client_request(server, local):
     assert by_path == by_field == local['bm25'].batch_search(queries, 3)
 
 
+@pytest.mark.service
 def test_concurrent_clients(server, local):
     "16 concurrent clients x 200 requests (BM25, and dense for 1 in 40; 1-3 queries each, mostly uncached): zero errors."
     url = server['url'] + '/retrieve'
@@ -198,6 +217,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.service
 @pytest.mark.parametrize('desc,kw,status,words', BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_malformed_request(server, desc, kw, status, words):
     "Each malformed request gets a 4xx JSON answer that says what is wrong; a good request is served right after."
@@ -211,10 +231,7 @@ def test_malformed_request(server, desc, kw, status, words):
     assert ok.status_code == 200 and len(ok.json()['result'][0]) == 2
 
 
-def test_enough_malformed_cases():
-    assert len(BAD_REQUESTS) >= 20
-
-
+@pytest.mark.service
 def test_async_client_against_server(server, local):
     "`RetrievalClient` (pooled async HTTP) over the live server: 64 concurrent searches match the retriever."
     import asyncio
@@ -228,6 +245,7 @@ def test_async_client_against_server(server, local):
     assert [r[0] for r in res] == [local['bm25'].search(q[0], 4) for q in qs]
 
 
+@pytest.mark.service
 def test_same_answers_as_baseline(server, indexes, local):
     """Our server's answers parse to exactly what the baseline (built like the original: pydantic body, dicts, FastAPI's
     JSON encoding) returns for the same request: BM25 against the live server, dense with both apps over one fp32

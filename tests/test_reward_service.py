@@ -1,6 +1,9 @@
 """System test of the reward service: a real `s3 serve-reward` process (in-process tiny Llama as generator and judge)
 over a hand-built naive-RAG cache, hit by concurrent one-rollout requests (micro-batched), a rollout whose context is
-the RAG context (no generator call), and malformed requests (each a 4xx, then a good request is served)."""
+the RAG context (no generator call), and malformed requests (each a 4xx, then a good request is served); a service
+started over a cache built another way refuses to start. Each test starts a server process: marked `service`
+(run by `make test-all`). The default run pins a reward on real model output through the service path in
+`nbs/api/31_reward_service.ipynb`."""
 import json, os, signal, socket, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 S3 = str(Path(sys.executable).parent/'s3')
 
 
+SETTINGS = ['--set', 'generator.model=tiny-llama', '--set', 'generator.max_tokens=6']
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -23,22 +29,27 @@ def _doc(i):
     return {'id': str(i), 'contents': f'"Passage {i}"\nPassage number {i} mentions the colour {["red", "blue", "green"][i % 3]}.'}
 
 
+def _write_cache(cache) -> list[dict]:
+    "A naive-RAG cache for q0..q7, recorded as built with the service's settings (`SETTINGS` over the smoke config)."
+    from s3_nbs.config import parse_assignments, resolve_config
+    from s3_nbs.reward import RagBaseline, make_grader
+    cfg = resolve_config('smoke', cli=parse_assignments([a for a in SETTINGS if a != '--set']))
+    base = RagBaseline(cache, make_grader(cfg), topk=cfg.retrieval.naive_topk, index_id='hand-made-index')
+    rows = [base.entry(f'q{i}', f'Which colour does passage {i} mention?', ['red'], acc=float(i % 2)) for i in range(8)]
+    rows[0] = base.entry('q0', rows[0]['question'], ['red'], [_doc(0), _doc(1), _doc(2)], answer='red', span=True, judge=None,
+                         judged=False, genacc=True, em=1.0, f1=1.0, acc=1.0)
+    base.store.append(rows)
+    return rows
+
+
 @pytest.fixture(scope='module')
 def service(tmp_path_factory):
     "`s3 serve-reward` on a free loopback port; the cache holds q0..q7 (q0 with its answer and prompt address)."
-    from s3_nbs.corpus import format_docs
-    from s3_nbs.reward import prompt_sha
     d = tmp_path_factory.mktemp('reward')
     cache = d/'rag.jsonl'
-    rows = [{'id': f'q{i}', 'question': f'Which colour does passage {i} mention?', 'golden_answers': ['red'], 'acc': float(i % 2)}
-            for i in range(8)]
-    q0 = rows[0]
-    q0.update(doc_ids=['0', '1', '2'], prompt_sha=prompt_sha(q0['question'], format_docs([_doc(0), _doc(1), _doc(2)])),
-              answer='red', span=True, judge=None, judged=False, genacc=True, em=1.0, f1=1.0, acc=1.0)
-    cache.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    rows = _write_cache(cache)
     port = _free_port()
-    proc = subprocess.Popen([S3, 'serve-reward', '--rag-cache', str(cache), '--port', str(port), '--wait-ms', '200',
-                             '--set', 'generator.model=tiny-llama', '--set', 'generator.max_tokens=6'],
+    proc = subprocess.Popen([S3, 'serve-reward', '--rag-cache', str(cache), '--port', str(port), '--wait-ms', '200', *SETTINGS],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f'http://127.0.0.1:{port}'
     try:
@@ -59,6 +70,7 @@ def _item(row, docs):
     return {'id': row['id'], 'question': row['question'], 'golden_answers': row['golden_answers'], 'docs': docs}
 
 
+@pytest.mark.service
 def test_concurrent_requests_are_batched(service):
     url, rows = service
     items = [_item(r, [_doc(i + 3), _doc(i + 4)]) for i, r in enumerate(rows)]
@@ -76,6 +88,7 @@ def test_concurrent_requests_are_batched(service):
     assert h['info']['config']['generator']['model'] == 'tiny-llama' and h['info']['config']['reward']['mode'] == 'gbr'
 
 
+@pytest.mark.service
 def test_rag_context_needs_no_generator_call(service):
     url, rows = service
     before = httpx.get(f'{url}/health').json()['calls']
@@ -87,19 +100,25 @@ def test_rag_context_needs_no_generator_call(service):
     assert after['answer_reused'] == before['answer_reused'] + 1 and after['answer'] == before['answer']
 
 
+@pytest.mark.service
 def test_malformed_requests_get_4xx_then_service_goes_on(service):
     url, rows = service
     good = _item(rows[1], [_doc(5)])
-    bad = [(b'{"items": [', 400), (b'[]', 422), (json.dumps({'items': []}).encode(), 422),
-           (json.dumps({'items': [good | {'question': ''}]}).encode(), 422),
-           (json.dumps({'items': [good | {'docs': [{'id': '1'}]}]}).encode(), 422),
-           (json.dumps({'items': [good | {'golden_answers': None}]}).encode(), 422),
-           (json.dumps({'items': [good | {'id': 'not-cached'}]}).encode(), 422),
-           (json.dumps({'items': [good], 'extra': 1}).encode(), 422)]
-    for body, status in bad:
+    no_gold = 'golden_answers holds no non-empty answer'
+    bad = [(b'{"items": [', 400, ''), (b'[]', 422, ''), (json.dumps({'items': []}).encode(), 422, ''),
+           (json.dumps({'items': [good | {'question': ''}]}).encode(), 422, 'question'),
+           (json.dumps({'items': [good | {'docs': [{'id': '1'}]}]}).encode(), 422, 'docs[0]'),
+           (json.dumps({'items': [good | {'golden_answers': None}]}).encode(), 422, 'golden_answers'),
+           (json.dumps({'items': [good | {'golden_answers': []}]}).encode(), 422, no_gold),
+           (json.dumps({'items': [good | {'golden_answers': ['']}]}).encode(), 422, no_gold),
+           (json.dumps({'items': [good | {'golden_answers': ['  ', '\n']}]}).encode(), 422, no_gold),
+           (json.dumps({'items': [good | {'question': 'Which colour does passage 9 mention?'}]}).encode(), 422, "holds id 'q1'"),
+           (json.dumps({'items': [good | {'id': 'not-cached'}]}).encode(), 422, 'not in the naive-RAG cache'),
+           (json.dumps({'items': [good], 'extra': 1}).encode(), 422, 'extra')]
+    for body, status, words in bad:
         r = httpx.post(f'{url}/score', content=body, headers={'content-type': 'application/json'}, timeout=60)
         assert r.status_code == status, (body, r.status_code, r.text)
-        assert r.json()['error'], r.text
+        assert r.json()['error'] and words in r.json()['error'], (words, r.text)
     r = httpx.post(f'{url}/score', content=json.dumps({'items': [good]}), headers={'content-type': 'text/plain'})
     assert r.status_code == 415
     assert httpx.get(f'{url}/nope').status_code == 404
@@ -107,6 +126,7 @@ def test_malformed_requests_get_4xx_then_service_goes_on(service):
     assert r.status_code == 200 and r.json()['results'][0]['id'] == 'q1'
 
 
+@pytest.mark.service
 def test_verl_compute_score_through_the_service(service):
     "verl's per-sample contract, concurrent calls, through the running service."
     import asyncio
@@ -120,3 +140,14 @@ def test_verl_compute_score_through_the_service(service):
     assert [set(o) for o in outs] == [{'score', 'acc_s3', 'acc_rag'}] * 4
     assert [o['acc_rag'] for o in outs] == [r['acc'] for r in rows[:4]]
     assert all(o['score'] == o['acc_s3'] - o['acc_rag'] for o in outs)
+
+
+@pytest.mark.service
+def test_cache_built_another_way_is_refused_at_start(tmp_path):
+    "A cache recorded as built with another answer cap: `s3 serve-reward` refuses to start, naming the field and the fix."
+    cache = tmp_path/'rag.jsonl'
+    _write_cache(cache)
+    r = subprocess.run([S3, 'serve-reward', '--rag-cache', str(cache), '--port', str(_free_port()), *SETTINGS,
+                        '--set', 'generator.max_tokens=7'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "was built with max_tokens 6" in r.stderr and 'uses max_tokens 7' in r.stderr and 'generator.max_tokens' in r.stderr, r.stderr[-3000:]

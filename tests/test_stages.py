@@ -6,6 +6,8 @@ import nbformat, pytest, yaml
 ROOT = Path(__file__).resolve().parents[1]
 S3 = str(Path(sys.executable).parent/'s3')
 
+pytestmark = pytest.mark.slow  # real stage runs on the demo data: minutes on 2 cores (make test-all, .ci/run)
+
 
 def s3(outputs, *args, timeout=900, **popen):
     env = {**os.environ, 'S3_NBS_OUTPUTS': str(outputs)}

@@ -82,6 +82,7 @@ def test_stage_names_and_order():
         'n_train': 'data.n_train', 'drop_yes_no': 'data.drop_yes_no', 'drop_rag_correct': 'data.drop_rag_correct', 'seed': 'seed'}
 
 
+@pytest.mark.slow  # a real stage-3b run (a kernel, papermill): > 10 s on 2 cores
 def test_stage_on_latest_runs(pipeline_runs):
     "Defaults: the latest stage-1 split and the cache of the latest 03_rag_cache run; counts, missing ids and the output file."
     out = pipeline_runs
@@ -114,6 +115,7 @@ def test_stage_on_latest_runs(pipeline_runs):
     assert m['counts']['final'] == 8 and m['rag_cache'] is None and (m['missing_from_rag_cache'], m['missing_ids_file']) == (0, None)
 
 
+@pytest.mark.slow  # a real stage-3b run (a kernel, papermill): > 10 s on 2 cores
 def test_stage_refuses_a_cache_of_another_split(pipeline_runs):
     out = pipeline_runs
     d3 = latest(out, '03_rag_cache')
@@ -123,6 +125,7 @@ def test_stage_refuses_a_cache_of_another_split(pipeline_runs):
     assert not (out/'runs'/'03b_training_set'/'latest').exists()
 
 
+@pytest.mark.slow  # a real stage-3b run (a kernel, papermill): > 10 s on 2 cores
 def test_stage_on_flashrag_files(tmp_path):
     "FlashRAG's NQ + HotpotQA train files (exact format) and a hand-made cache: yes/no golds, answered ids, missing ids, each policy."
     out, cache = tmp_path/'outputs', tmp_path/'rag_cache.jsonl'
