@@ -139,3 +139,29 @@ def test_search_stage_against_retrieval_server(outputs):
     summary = json.loads((run_dir/'artifacts'/'summary.json').read_text())
     assert summary['questions'] == n and sum(summary['turns_hist'].values()) == n
     assert (run_dir/'artifacts'/'summary.png').stat().st_size > 1000
+
+
+def test_train_stage(outputs):
+    "Stages 3b and 4 on the stage-3 cache above: two PPO steps of the tiny Llama, a checkpoint per step, curves, metrics."
+    r = s3(outputs, 'run', '03_rag_cache', '-p', 'max_questions=20', '-p', 'retriever=bm25', '-p', 'model=tiny-llama',
+           '--set', 'generator.max_tokens=8', '--quiet')  # (entries the kill test above cached are reused)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = s3(outputs, 'run', '03b_training_set', '--quiet')
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = ['run', '04_train', '-p', 'searcher="tiny-llama"', '-p', 'steps=2', '-p', 'dev_questions=2',
+            '--set', 'retrieval.retriever=bm25', '--set', 'generator.model=tiny-llama', '--set', 'generator.max_tokens=8',
+            '--set', 'train.batch_size=2', '--set', 'train.ppo_mini_batch_size=2', '--set', 'train.ppo_micro_batch_size=2',
+            '--set', 'train.save_every=1', '--set', 'train.wandb=disabled', '--set', 'searcher.max_step_tokens=16',
+            '--set', 'searcher.max_turns=1', '--quiet']
+    r = s3(outputs, *args, timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = latest(outputs, '04_train')
+    man = json.loads((run_dir/'manifest.json').read_text())
+    m = man['metrics']
+    assert man['status'] == 'ok' and m['steps'] == 2 and m['algorithm'] == 'ppo' and m['accuracy'] == 'span'
+    steps = [json.loads(l) for l in (run_dir/'metrics.jsonl').read_text().splitlines()]
+    assert [s['step'] for s in steps] == [1, 2] and all(s['trajectories'] == 2 for s in steps)
+    assert sorted(p.name for p in (run_dir/'checkpoints').iterdir()) == ['step_000001', 'step_000002']
+    assert (Path(m['checkpoint'])/'actor'/'config.json').is_file() and (Path(m['checkpoint'])/'COMPLETE').is_file()
+    assert (run_dir/'artifacts'/'training_curves.png').stat().st_size > 1000
+    assert set(man['upstream']) >= {'01_prepare_data', '02_build_index', '03_rag_cache', '03b_training_set'}
