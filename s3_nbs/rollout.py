@@ -207,7 +207,7 @@ def _sample(logits, greedy: bool, temperature: float, top_p: float):
 class HFPolicy:
     "A local Hugging Face causal LM as the searcher policy: batched generation, token ids and log-probs out."
     def __init__(self, model, tokenizer=None, device: str | None = None, dtype=None, max_batch: int = 64,
-                 engine: str = 'auto', reuse_cache: bool = True, kv_layer: str = 'buffer', gqa: bool = True):
+                 engine: str = 'auto', reuse_cache: bool = True, kv_layer: str = 'dynamic', gqa: bool = True):
         from s3_nbs.models import load_causal_lm, load_tokenizer
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer or load_tokenizer(model)
@@ -423,7 +423,7 @@ def check_transformers_internals(model=None, tokenizer=None, max_new_tokens: int
         enc = lambda s: list(tok.encode(s, add_special_tokens=False))
         shared = enc("You collect documents for a question. Question: ")
         first = [shared + enc("Who designed the Eiffel Tower?"), shared + enc("Where is Dijon?"), enc("Hello")]
-        ways = {'BufferLayer + s3_gqa_sdpa': dict(engine='s3'), "DynamicLayer + sdpa": dict(engine='s3', kv_layer='dynamic', gqa=False),
+        ways = {'BufferLayer + s3_gqa_sdpa': dict(engine='s3', kv_layer='buffer'), "DynamicLayer + sdpa": dict(engine='s3', kv_layer='dynamic', gqa=False),
                 'model.generate': dict(engine='hf')}
         tokens = {}
         for name, kw in ways.items():
