@@ -207,7 +207,7 @@ def _sample(logits, greedy: bool, temperature: float, top_p: float):
 class HFPolicy:
     "A local Hugging Face causal LM as the searcher policy: batched generation, token ids and log-probs out."
     def __init__(self, model, tokenizer=None, device: str | None = None, dtype=None, max_batch: int = 64,
-                 engine: str = 'auto', reuse_cache: bool = True, kv_layer: str = 'dynamic', gqa: bool = True):
+                 engine: str = 'auto', reuse_cache: bool = True, kv_layer: str = 'buffer', gqa: bool = True):
         from s3_nbs.models import load_causal_lm, load_tokenizer
         if isinstance(model, (str, os.PathLike)):
             tokenizer = tokenizer or load_tokenizer(model)
