@@ -257,7 +257,8 @@ class OpenAIChat(ChatBase):
                               f"{'s' if attempts != 1 else ''}: {what}", self.url, status, attempts)
 
     def _hint(self, status: int) -> str:
-        if status in (401, 403): return f" (check the API key: api_key or ${self.api_key_env})"
+        if status in (401, 403):
+            return f" (check the API key: api_key{f' or ${self.api_key_env}' if self.api_key_env else ''}; a server started with a token wants it)"
         if status == 404: return f" (does base_url end with /v1, and does the server serve model {self.model!r}? see {self.base_url}/models)"
         return ''
 
