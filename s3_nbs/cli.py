@@ -13,9 +13,16 @@ from .config import ConfigError, config_to_dict, parse_assignments, resolve_conf
 from .pipeline import StageError, check_run_id, list_stages, run_stage
 
 # %% auto #0
-__all__ = ['build_parser', 'main']
+__all__ = ['build_parser', 'train_to_run_args', 'main']
 
 # %% ../nbs/api/91_cli.ipynb #0005
+def _run_flags(p) -> None:
+    "Flags shared by `s3 run` and `s3 train`."
+    p.add_argument('--resume', default=None, metavar='RUN_ID', help="continue run RUN_ID in its folder, with its config and parameters "
+                   "(new -p/--set on top); training continues from the run's last complete checkpoint")
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    p.add_argument('--log-output', action='store_true', help='stream the notebook cells\' output to the terminal')
+
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of the `s3` command."
     ap = argparse.ArgumentParser(prog='s3', description='s3_nbs: train and evaluate s3 search agents (stages run as notebooks).')
@@ -27,8 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE', help='override a config field (repeatable)')
     r.add_argument('--run-id', default=None, help="run folder name (default: UTC time + random suffix); with 'all', every stage's")
     r.add_argument('--overwrite', action='store_true', help='replace an existing run folder of the same --run-id (refused otherwise)')
-    r.add_argument('--quiet', action='store_true', help='no progress bar')
-    r.add_argument('--log-output', action='store_true', help='stream the notebook cells\' output to the terminal')
+    _run_flags(r)
+    t = sub.add_parser('train', help='train the searcher (stage 04_train: warm-start, PPO/GRPO, checkpoints, curves)')
+    t.add_argument('--config', default='smoke', help='config name in configs/ or a YAML path (default: smoke)')
+    t.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE', help='override a config field (repeatable)')
+    t.add_argument('--steps', type=int, default=None, help='training steps (default: train.steps)')
+    t.add_argument('--algorithm', choices=('ppo', 'grpo'), default=None, help='default: train.algorithm')
+    t.add_argument('--searcher', default=None, help='policy to start from: a model name or folder (default: searcher.model)')
+    t.add_argument('--warm-start', action=argparse.BooleanOptionalAction, default=None, help='format warm-start first (default: train.warm_start)')
+    t.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help='any other 04_train parameter (repeatable)')
+    t.add_argument('--run-id', default=None, help='run folder name (default: UTC time + random suffix)')
+    t.add_argument('--overwrite', action='store_true', help='replace an existing run folder of the same --run-id')
+    _run_flags(t)
     sub.add_parser('stages', help='list the stages and their parameters')
     c = sub.add_parser('config', help='print the resolved config as YAML')
     c.add_argument('--config', default='smoke', help='config name in configs/ or a YAML path')
@@ -66,6 +83,15 @@ def _report(res) -> None:
     for k, v in (res.manifest.get('metrics') or {}).items():
         print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
 
+def train_to_run_args(a: argparse.Namespace) -> list[str]:
+    "`s3 train ...` as the `s3 run 04_train ...` it is (the same stage notebook and code)."
+    out = ['run', '04_train', '--config', a.config] + [f'--set={s}' for s in a.set] + [f'--param={p}' for p in a.param]
+    for name, v in (('steps', a.steps), ('algorithm', a.algorithm), ('searcher', a.searcher), ('warm_start', a.warm_start)):
+        if v is not None: out.append(f'--param={name}={v}')
+    for flag, v in (('--run-id', a.run_id), ('--resume', a.resume)):
+        if v: out += [flag, v]
+    return out + [f for f, on in (('--overwrite', a.overwrite), ('--quiet', a.quiet), ('--log-output', a.log_output)) if on]
+
 def main(argv=None) -> int:
     "Entry point of the `s3` command; returns the exit status."
     args = build_parser().parse_args(argv)
@@ -87,9 +113,14 @@ def main(argv=None) -> int:
             from s3_nbs.generator import serve_generator
             return serve_generator(args.model, port=args.port, host=args.host, backend=args.backend, max_model_len=args.max_model_len,
                                    token=args.token)  # None: env S3_GENERATOR_TOKEN; warns when off-loopback without one
+        elif args.cmd == 'train':
+            return main(train_to_run_args(args))
         elif args.cmd == 'run':
-            kw = dict(progress=not args.quiet, log_output=args.log_output, run_id=args.run_id, overwrite=args.overwrite)
+            if args.resume and args.run_id and args.resume != args.run_id: raise StageError('give --resume RUN_ID or --run-id, not both')
+            kw = dict(progress=not args.quiet, log_output=args.log_output, run_id=args.resume or args.run_id, overwrite=args.overwrite,
+                      resume=bool(args.resume))
             if args.stage == 'all':
+                if args.resume: raise StageError('--resume continues one run of one stage: name the stage')
                 if args.param: raise StageError("-p sets one stage's parameters; with 'all' use --set section.key=value")
                 stages = list_stages()
                 if args.run_id is not None:  # refuse before the first stage runs, not half-way

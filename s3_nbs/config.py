@@ -15,10 +15,10 @@ from pydantic import TypeAdapter, ValidationError
 
 # %% auto #0
 __all__ = ['CHOICES', 'RULES', 'CROSS_RULES', 'project_root', 'outputs_dir', 'cache_dir', 'configs_dir', 'DataConfig',
-           'RetrievalConfig', 'GeneratorConfig', 'SearcherConfig', 'RewardConfig', 'TrainConfig', 'S3Config',
-           'ConfigError', 'validate_config', 'config_from_dict', 'config_to_dict', 'get_value', 'config_keys',
-           'parse_value', 'parse_assignments', 'override_config', 'find_config_file', 'load_yaml', 'load_config',
-           'resolve_config', 'save_config', 'seed_everything', 'get_logger']
+           'RetrievalConfig', 'GeneratorConfig', 'SearcherConfig', 'RewardConfig', 'TrainConfig', 'BaselinesConfig',
+           'EvalConfig', 'S3Config', 'ConfigError', 'validate_config', 'config_from_dict', 'config_to_dict',
+           'get_value', 'config_keys', 'parse_value', 'parse_assignments', 'override_config', 'find_config_file',
+           'load_yaml', 'load_config', 'resolve_config', 'save_config', 'seed_everything', 'get_logger']
 
 # %% ../nbs/api/00_config.ipynb #0006
 def _is_project_root(d: Path) -> bool:
@@ -160,6 +160,28 @@ class TrainConfig:
     warm_start_epochs: int = 2  # passes over the demonstrations
     warm_start_lr: float = 5e-5  # warm-start learning rate (AdamW, constant)
     warm_start_batch: int = 8  # demonstrations accumulated per optimizer step
+    on_policy_shortcut: bool = False  # skip the no-grad pass that recomputes old log-probs (verl recomputes them): exact when a step is one mini-batch, one epoch, KL not in the reward
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    "The baselines' own models and budgets; the frozen generator that answers from their contexts is `generator`."
+    model: str = 'smollm2-135m-instruct'  # the reasoning LLM of CoT-style baselines (IRCoT, Search-o1); paper: Qwen2.5-7B/14B-Instruct
+    base_url: str = ''  # an OpenAI-compatible /v1 endpoint serving `model` (empty: load it in-process)
+    search_r1_model: str = 'smollm2-135m-instruct'  # a Search-R1 checkpoint (paper: Search-R1-7B); name, folder or served name
+    search_r1_base_url: str = ''  # endpoint serving `search_r1_model` (empty: in-process)
+    deepretrieval_model: str = 'smollm2-135m-instruct'  # the BM25 query-rewriting model (paper: DeepRetrieval-BM25-3B)
+    deepretrieval_base_url: str = ''  # endpoint serving `deepretrieval_model` (empty: in-process)
+    topk: int = 3  # documents per retrieval (paper: 3)
+    max_steps: int = 4  # reasoning steps / search turns of IRCoT, Search-o1 and Search-R1 (paper: 4)
+    max_step_tokens: int = 128  # tokens per reasoning step or turn
+    max_tokens: int = 512  # tokens of a whole CoT / reasoning answer
+
+@dataclass(frozen=True)
+class EvalConfig:
+    "Evaluation: the methods compared, the seeds of the per-dataset sample (data.max_eval_per_dataset questions each)."
+    methods: tuple[str, ...] = ('direct', 'rag_dense', 's3')  # see s3_nbs.baselines.BASELINES, plus 's3'
+    seeds: tuple[int, ...] = (42,)  # one sample per seed; several give mean +- std (the paper's scripts: one seed, 42)
+    batch_size: int = 64  # questions answered per batch (one append to the resumable result log)
 
 @dataclass(frozen=True)
 class S3Config:
@@ -173,6 +195,8 @@ class S3Config:
     searcher: SearcherConfig = field(default_factory=SearcherConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 # %% ../nbs/api/00_config.ipynb #0011
 CHOICES = {
@@ -218,6 +242,9 @@ RULES = {  # key -> (check, what is allowed); keys without a rule are checked by
     'train.entropy_coef': _at_least(0), 'train.gamma': _within(0, 1), 'train.lam': _within(0, 1), 'train.n_gpus': _at_least(0),
     'train.actor_warmup_ratio': _within(0, 1), 'train.keep_checkpoints': _at_least(0), 'train.warm_start_questions': _at_least(1),
     'train.warm_start_epochs': _at_least(1), 'train.warm_start_lr': _above(0), 'train.warm_start_batch': _at_least(1),
+    **{f'baselines.{k}': _at_least(1) for k in ('topk', 'max_steps', 'max_step_tokens', 'max_tokens')},
+    'eval.seeds': ((lambda v: len(v) >= 1), 'at least one seed'), 'eval.methods': ((lambda v: len(v) >= 1), 'at least one method'),
+    'eval.batch_size': _at_least(1),
 }
 
 CROSS_RULES = [  # (keys, check on their values, what is allowed), checked once every field is valid on its own
@@ -228,6 +255,10 @@ CROSS_RULES = [  # (keys, check on their values, what is allowed), checked once 
     (('train.ppo_mini_batch_size', 'train.samples_per_prompt', 'train.ppo_micro_batch_size'), lambda m, n, u: (m * n) % u == 0,
      'a mini-batch (train.ppo_mini_batch_size prompts x train.samples_per_prompt trajectories, as verl counts it) must be a '
      'multiple of train.ppo_micro_batch_size (trajectories)'),
+    (('train.on_policy_shortcut', 'train.ppo_epochs', 'train.ppo_mini_batch_size', 'train.batch_size', 'train.kl_mode', 'reward.kl_coef'),
+     lambda on, e, m, b, k, c: not on or (e == 1 and m == b and (k == 'loss' or c == 0)),
+     'train.on_policy_shortcut needs one PPO epoch, train.ppo_mini_batch_size = train.batch_size (one update per step) and the KL '
+     'as a loss (train.kl_mode: loss) or off (reward.kl_coef: 0): otherwise the old log-probs differ from the updated policy\'s'),
 ]
 
 # %% ../nbs/api/00_config.ipynb #0013

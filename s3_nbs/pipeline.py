@@ -248,22 +248,48 @@ def _sigterm_interrupts():
     try: yield
     finally: signal.signal(signal.SIGTERM, old)
 
+def _resume_inputs(stage: str, run_id: str | None, overwrite: bool, params: dict) -> tuple[str, dict, dict]:
+    "Config path, parameters and overrides that run `run_id` of `stage` was started with (`params` on top)."
+    if overwrite: raise StageError('resume and overwrite exclude each other: resume continues a run, overwrite replaces it')
+    if not run_id: raise StageError(f'resuming {stage} needs the id of the run to continue (--resume RUN_ID)')
+    d = check_run_id(stage, run_id, overwrite=True)
+    if not (d/'params.yaml').is_file() or not (d/'config.yaml').is_file():
+        have = sorted(p.name for p in runs_dir(stage).glob('*') if (p/'params.yaml').is_file())
+        raise StageError(f"no run {run_id!r} of {stage} to resume (looked in {d}); runs there: {', '.join(have[-5:]) or 'none'}")
+    saved = yaml.safe_load((d/'params.yaml').read_text()) or {}
+    old = {k: v for k, v in (saved.get('parameters') or {}).items() if k not in RESERVED}
+    return str(d/'config.yaml'), {**old, **params}, dict(saved.get('overrides') or {})
+
+def _keep_previous_attempt(run_dir: Path, stage: str) -> int:
+    "Move the run's last executed notebook aside (`<stage>.attempt<k>.ipynb`); the number of this attempt."
+    k = 1 + len(list(run_dir.glob(f'{stage}.attempt*.ipynb')))
+    if (nb := run_dir/f'{stage}.ipynb').is_file(): nb.rename(run_dir/f'{stage}.attempt{k}.ipynb'); k += 1
+    return k
+
 def run_stage(name: str, config: str | None = 'smoke', params: Mapping | None = None, overrides: Mapping | list | str | None = None,
-              run_id: str | None = None, folder=None, progress: bool = True, log_output: bool = False, overwrite: bool = False) -> RunResult:
+              run_id: str | None = None, folder=None, progress: bool = True, log_output: bool = False, overwrite: bool = False,
+              resume: bool = False) -> RunResult:
     """Execute stage `name` with papermill; write params, resolved config and manifest; raise `StageError` on failure.
 
     `run_id` names the run folder; an existing folder of that name is refused unless `overwrite`. The manifest ends
     with status `ok`, `failed` (with the error) or `interrupted` (Ctrl-C or SIGTERM; the interrupt is re-raised). The
-    stage's kernel starts with `PYTHONHASHSEED` set to the config's seed, so its `str` hashes are reproducible too."""
+    stage's kernel starts with `PYTHONHASHSEED` set to the config's seed, so its `str` hashes are reproducible too.
+
+    `resume=True` runs the stage again in the existing folder of run `run_id`, with the config and parameters it was
+    started with (new `params`/`overrides` on top, e.g. more training steps); stages that keep state there (training
+    checkpoints, the search log) continue where it stopped. The previous executed notebook is kept beside the new one."""
     stage = get_stage(name, folder)
     params = check_params(stage, params)
+    if resume: config, params, saved_cli = _resume_inputs(stage.name, run_id, overwrite, params)
     if 'config' in params: config = params.pop('config')
     cli = parse_assignments(overrides)
     if 'overrides' in params: cli = {**parse_assignments(params.pop('overrides')), **cli}
+    if resume: cli = {**saved_cli, **cli}
     try: cfg = resolve_config(config, stage=_stage_layer(stage, params), cli=cli)
     except (ConfigError, FileNotFoundError) as e: raise StageError(f"stage {stage.name}: {e}") from None
-    run_id, run_dir = _claim_run_dir(stage.name, run_id, overwrite)  # an existing run is refused before anything is written
-    (run_dir/'artifacts').mkdir()
+    if resume: run_dir, attempt = runs_dir(stage.name)/run_id, _keep_previous_attempt(runs_dir(stage.name)/run_id, stage.name)
+    else: (run_id, run_dir), attempt = _claim_run_dir(stage.name, run_id, overwrite), 1  # an existing run is refused first
+    (run_dir/'artifacts').mkdir(exist_ok=resume)
     hash_seed = str(cfg.seed % 2**32)
     cfg_path = save_config(cfg, run_dir/'config.yaml')
     nb_params = {**params, 'config': str(cfg_path), 'overrides': format_assignments(cli), 'run_dir': str(run_dir)}
@@ -272,7 +298,7 @@ def run_stage(name: str, config: str | None = 'smoke', params: Mapping | None = 
     out_nb = run_dir/f'{stage.name}.ipynb'
     man = {'stage': stage.name, 'run_id': run_id, 'status': 'running', 'notebook': str(out_nb), 'config_source': str(config),
            'parameters': params, 'overrides': cli, 'config': config_to_dict(cfg), 'seed': cfg.seed,
-           'python_hash_seed': hash_seed, 'git': git_info(),
+           'python_hash_seed': hash_seed, 'attempt': attempt, 'git': git_info(),
            'packages': package_versions(), 'host': {'platform': platform.platform(), 'cpus': os.cpu_count()},
            'started': dt.datetime.now(dt.timezone.utc).isoformat()}
     write_json(run_dir/'manifest.json', man)

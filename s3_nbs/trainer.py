@@ -21,7 +21,7 @@ from .searcher import SearchResult
 # %% auto #0
 __all__ = ['verl_algos', 'DataCursor', 'trim_batch', 'response_logprobs', 'ValueModel', 'token_scores', 'kl_in_reward',
            'advantages', 'gbr_reward_fn', 'use_bf16', 'Trainer', 'check_same_architecture', 'TrainingInputs',
-           'training_inputs']
+           'training_inputs', 'resolve_searcher']
 
 # %% ../nbs/api/50_trainer.ipynb #30b7d432
 _log = get_logger('s3_nbs.trainer')
@@ -231,6 +231,9 @@ class Trainer:
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(self.critic_opt, _warmup_lambda(self.t.steps, self.t.critic_warmup_ratio))
         self.policy = HFPolicy(self.actor, self.tokenizer, max_batch=max(1, self.t.batch_size * self.t.samples_per_prompt))
         self.pad_id = self.policy.pad_id
+        # one mini-batch, one epoch, no KL in the reward: the policy that sampled is the one being updated, so the
+        # ratio's old log-probs are the update's own (detached) and the separate no-grad actor pass is skipped
+        self.on_policy = bool(self.t.on_policy_shortcut)
         self._policy_loss_cfg = None
         self._wandb = None
 
@@ -254,10 +257,11 @@ class Trainer:
             for mb in self._batches(batch, self.t.ppo_micro_batch_size):
                 tb, R = trim_batch(mb), mb['responses'].shape[1]
                 pad = lambda x: torch.nn.functional.pad(x.float(), (0, R - x.shape[1]))
-                olds.append(pad(response_logprobs(self.actor, tb, T)))
+                if not self.on_policy: olds.append(pad(response_logprobs(self.actor, tb, T)))
                 if self.ref is not None: refs.append(pad(response_logprobs(self.ref, tb, T)))
                 if self.critic is not None: vals.append(pad(self.critic.values(tb)))
-        batch['old_log_probs'] = torch.cat(olds)
+        # on-policy: the sampler's log-probs stand in for the KL and gap measurements only (the ratio uses the update's own)
+        batch['old_log_probs'] = torch.cat(olds) if olds else batch['rollout_log_probs'].float().clone()
         batch['ref_log_probs'] = torch.cat(refs) if refs else batch['old_log_probs'].clone()
         if vals: batch['values'] = torch.cat(vals)
 
@@ -295,7 +299,8 @@ class Trainer:
                     mask = tb['response_mask'].float()
                     with _autocast(self.device, self.bf16):
                         logp, ent = response_logprobs(self.actor, tb, T, entropy=True)
-                    pg, m = loss_fn(tb['old_log_probs'][:, :R], logp, tb['advantages'][:, :R], mask, mode, pcfg)
+                    old = logp.detach() if self.on_policy else tb['old_log_probs'][:, :R]
+                    pg, m = loss_fn(old, logp, tb['advantages'][:, :R], mask, mode, pcfg)
                     ent_loss = ca.agg_loss(ent, mask, mode, **info)
                     loss = pg - self.t.entropy_coef * ent_loss
                     if self.t.kl_mode == 'loss' and self.ref is not None:
@@ -435,7 +440,7 @@ class Trainer:
         steps = self.t.steps if steps is None else steps
         if resume and (ck := self.latest_checkpoint()) is not None:
             self.load(ck); _log.info(f"resumed from {ck} at step {self.step_no}")
-            self._truncate_metrics()
+        if resume: self._truncate_metrics()  # steps after the checkpoint (all, when there is none) will be run again
         out = []
         bar = tqdm(total=steps, initial=self.step_no, desc='train', unit='step', disable=not self.progress)
         try:
@@ -517,3 +522,32 @@ def training_inputs(cfg: S3Config, data_run=None, training_set_run=None, rag_cac
     return TrainingInputs(cfg, train, read_qa_jsonl(data_dir/'dev.jsonl'), load_retriever(idx, corpus=corpus), rc['cache_path'],
                           {'01_prepare_data': str(d_run), '02_build_index': str(i_run), '03_rag_cache': str(rc_run),
                            '03b_training_set': str(ts_run)}, notes)
+
+# %% ../nbs/api/50_trainer.ipynb #1559d683
+def resolve_searcher(spec: str, runs=None) -> str:
+    """The policy to load for `spec`: a `04_train` run id, `latest`, `RUN_ID/step_N` or a run/checkpoint folder ->
+    the checkpoint's `actor` folder; anything else (a model name, an HF folder, a hub id) is returned unchanged."""
+    import re
+    from s3_nbs.pipeline import runs_dir
+    runs = Path(runs) if runs is not None else runs_dir('04_train')
+    p = Path(str(spec)).expanduser()
+    if not p.is_dir():
+        name, _, rest = str(spec).partition('/')
+        if name == 'latest' and (runs/'latest').is_file(): name = (runs/'latest').read_text().strip()
+        if not name or not (runs/name).is_dir(): return str(spec)
+        p = runs/name
+        if rest:
+            m = re.fullmatch(r'(?:checkpoints/)?step_(\d+)/?', rest)
+            if not m: raise ValueError(f"{spec!r}: after a run id name one of its checkpoints, e.g. {name}/step_000004")
+            p = p/'checkpoints'/f'step_{int(m.group(1)):06d}'
+            if not p.is_dir():
+                have = sorted(c.name for c in (runs/name/'checkpoints').glob('step_*'))
+                raise ValueError(f"run {name} has no checkpoint {p.name}; it has: {', '.join(have) or 'none'}")
+    if (p/'actor'/'config.json').is_file():
+        if not (p/'COMPLETE').is_file(): raise ValueError(f"checkpoint {p} is incomplete (no COMPLETE marker: its save was cut off)")
+        return str(p/'actor')
+    if (p/'checkpoints').is_dir() or (p/'manifest.json').is_file():
+        done = sorted(c for c in (p/'checkpoints').glob('step_*') if (c/'COMPLETE').is_file())
+        if not done: raise ValueError(f"training run {p} has no complete checkpoint yet (looked in {p/'checkpoints'})")
+        return str(done[-1]/'actor')
+    return str(spec)

@@ -165,3 +165,18 @@ def test_train_stage(outputs):
     assert (Path(m['checkpoint'])/'actor'/'config.json').is_file() and (Path(m['checkpoint'])/'COMPLETE').is_file()
     assert (run_dir/'artifacts'/'training_curves.png').stat().st_size > 1000
     assert set(man['upstream']) >= {'01_prepare_data', '02_build_index', '03_rag_cache', '03b_training_set'}
+    # `s3 train --resume`: the same folder, config and parameters, one more step from the last checkpoint
+    r = s3(outputs, 'train', '--resume', run_dir.name, '--steps', '3', '--quiet', timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    man = json.loads((run_dir/'manifest.json').read_text())
+    steps = [json.loads(l) for l in (run_dir/'metrics.jsonl').read_text().splitlines()]
+    assert man['attempt'] == 2 and man['metrics']['steps'] == 3 and [s['step'] for s in steps] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir/'checkpoints').iterdir()) == ['step_000002', 'step_000003']  # keep-last 2
+    assert (run_dir/'04_train.attempt1.ipynb').is_file()
+    # stage 05 loads the trained searcher by run id
+    r = s3(outputs, 'run', '05_search', '-p', f'searcher="{run_dir.name}"', '-p', 'max_questions=2', '--set', 'retrieval.retriever=bm25',
+           '--set', 'searcher.max_step_tokens=16', '--set', 'searcher.max_turns=1', '--quiet')
+    assert r.returncode == 0, r.stdout + r.stderr
+    man5 = json.loads((latest(outputs, '05_search')/'manifest.json').read_text())
+    assert man5['metrics']['searcher'] == str(run_dir/'checkpoints'/'step_000003'/'actor')
+    assert man5['upstream']['04_train'] == str(run_dir)
