@@ -20,8 +20,8 @@ from .searcher import SearchResult
 
 # %% auto #0
 __all__ = ['verl_algos', 'DataCursor', 'trim_batch', 'response_logprobs', 'ValueModel', 'token_scores', 'kl_in_reward',
-           'advantages', 'gbr_reward_fn', 'use_bf16', 'Trainer', 'check_same_architecture', 'TrainingInputs',
-           'training_inputs', 'resolve_searcher']
+           'advantages', 'gbr_reward_fn', 'use_bf16', 'rollout_record', 'Trainer', 'check_same_architecture',
+           'TrainingInputs', 'training_inputs', 'resolve_searcher']
 
 # %% ../nbs/api/50_trainer.ipynb #30b7d432
 _log = get_logger('s3_nbs.trainer')
@@ -202,6 +202,17 @@ def _set_rng_state(st: dict) -> None:
     random.setstate(st['python']); np.random.set_state(st['numpy']); torch.set_rng_state(st['torch'])
     if 'cuda' in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st['cuda'])
 
+def rollout_record(step: int, r: SearchResult, scored: dict) -> dict:
+    """What one training trajectory did and earned (a line of the run's `rollouts.jsonl`): queries, selections, D_s3
+    ids, documents beyond the initial D0 (= naive RAG's when `initial_topk` = `naive_topk`: with none, the reward is 0
+    by construction), whether a gold answer is verbatim in D_s3, the reward and both accuracies."""
+    from s3_nbs.metrics import span_check
+    return dict(step=step, id=r.id, queries=r.queries, selections=r.selections, docs=[d.get('id') for d in r.context_docs],
+                new_docs=sum(src.get('block') is not None for src in r.context_sources), n_invalid=r.n_invalid,
+                answer_in_context=bool(r.context and span_check(r.context, r.golden_answers)), finish=r.finish_reason,
+                reward=float(scored['reward']), acc_s3=scored.get('acc_s3'), acc_rag=scored.get('acc_rag'),
+                answer=scored.get('s3_answer'))
+
 # %% ../nbs/api/50_trainer.ipynb #b74027eb
 class Trainer:
     "Single-process PPO/GRPO for the s3 searcher (see above)."
@@ -361,12 +372,16 @@ class Trainer:
         t4 = time.perf_counter()
         self.step_no += 1
         summ = summarize_search(results)
+        self._rollouts = [rollout_record(self.step_no, r, sc) for r, sc in zip(results, scored)]
+        new_docs = [rec['new_docs'] for rec in self._rollouts]
         mean = lambda k: float(np.mean([float(s[k]) for s in scored if s.get(k) is not None])) if any(s.get(k) is not None for s in scored) else None
         return dict(step=self.step_no, epoch=self.cursor.epoch, questions=len(idx), trajectories=len(results),
                     reward_mean=float(np.mean(rewards)), reward_std=float(np.std(rewards)), gbr=_gbr(scored),
                     acc_s3=mean('acc_s3'), acc_rag=mean('acc_rag'),
                     valid_action_rate=round(1.0 - summ['invalid_rate'], 4), searches_per_question=summ['mean_searches'],
                     docs_per_question=summ['mean_docs'], selected_per_search=summ['mean_selected_per_search'],
+                    new_docs_per_question=float(np.mean(new_docs)), share_without_new_docs=float(np.mean([n == 0 for n in new_docs])),
+                    answer_in_context=float(np.mean([rec['answer_in_context'] for rec in self._rollouts])),
                     response_length=float(mask.sum(1).float().mean()), kl=float(kl_rows.mean()), rollout_logprob_gap=lp_gap,
                     actor_lr=self.actor_sched.get_last_lr()[0], **upd,
                     rollout_s=round(t1 - t0, 3), reward_s=round(t2 - t1, 3), prepare_s=round(t3 - t2, 3), update_s=round(t4 - t3, 3),
@@ -425,6 +440,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _track(self, metrics: dict) -> None:
+        with open(self.run_dir / 'rollouts.jsonl', 'a') as f: f.write(''.join(json.dumps(r) + '\n' for r in getattr(self, '_rollouts', [])))
         with open(self.run_dir / 'metrics.jsonl', 'a') as f: f.write(json.dumps(metrics) + '\n')
         if self.t.wandb != 'disabled':
             if self._wandb is None:
@@ -455,10 +471,10 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         "Drop metrics of steps after the checkpoint (they will be run again), so each step appears once."
-        p = self.run_dir / 'metrics.jsonl'
-        if not p.is_file(): return
-        keep = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= self.step_no]
-        tmp = p.with_suffix('.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); os.replace(tmp, p)
+        for p in (self.run_dir / 'metrics.jsonl', self.run_dir / 'rollouts.jsonl'):
+            if not p.is_file(): continue
+            keep = [l for l in p.read_text().splitlines() if l.strip() and json.loads(l)['step'] <= self.step_no]
+            tmp = p.with_suffix('.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); os.replace(tmp, p)
 
 def _gbr(scored) -> float | None:
     "Mean Acc(s3) - Acc(RAG) over scored trajectories that carry both (None for rewards without them)."
