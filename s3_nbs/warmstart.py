@@ -38,15 +38,20 @@ def demo_query(example) -> str:
     return ' '.join([q] + extra).strip() or example.question
 
 # %% ../nbs/api/51_warmstart.ipynb #c294147c
-def pick_documents(docs: Sequence, example, max_selected: int) -> list[int]:
-    "1-based ids of up to `max_selected` documents that match an evidence title or contain a gold answer; else [1]."
+def pick_documents(docs: Sequence, example, max_selected: int, known: Sequence = ()) -> list[int]:
+    """1-based ids of up to `max_selected` documents that match an evidence title or contain a gold answer, those not
+    already `known` (the D0 documents, by id) first: a selection that adds nothing to D0 cannot change the generator's
+    answer (with D0 = naive RAG's documents, its reward is 0). With no match: the first new document, else [1]."""
     titles = {normalize_answer(t) for t in (getattr(example, 'metadata', None) or {}).get('evidence_titles', []) if t}
-    ids = []
+    known = {as_document(d).get('id') for d in known}
+    hits, new = [], []
     for i, d in enumerate(docs, 1):
         d = as_document(d)
+        if d.get('id') not in known: new.append(i)
         title = normalize_answer(d.get('title') or d.get('contents', '').split('\n', 1)[0].strip('"'))
-        if (titles and title in titles) or span_check(d.get('contents', ''), example.golden_answers): ids.append(i)
-    return ids[:max_selected] or ([1] if docs else [])
+        if (titles and title in titles) or span_check(d.get('contents', ''), example.golden_answers): hits.append(i)
+    ranked = [i for i in hits if i in new] + [i for i in hits if i not in new]
+    return ranked[:max_selected] or new[:1] or ([1] if docs else [])
 
 def demonstration(example, tokenizer, retriever, cfg: SearcherConfig | None = None,
                   template: PromptTemplate | None = None) -> SearchResult:
@@ -63,7 +68,7 @@ def demonstration(example, tokenizer, retriever, cfg: SearcherConfig | None = No
     if t.pending_query is None: return t.result()  # the budget cut the query: a truncated demonstration is still shown as is
     t.add_observation(retriever.batch_search([t.pending_query], cfg.retrieved_per_search)[0])
     block = t.blocks[-1]
-    ids = pick_documents(block.docs[:block.n_shown], example, cfg.max_selected)
+    ids = pick_documents(block.docs[:block.n_shown], example, cfg.max_selected, known=d0 or ())
     say(f"<important_info>{ids}</important_info><search_complete>True</search_complete>" + (tokenizer.eos_token or ''))
     return t.result()
 
