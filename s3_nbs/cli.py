@@ -13,7 +13,7 @@ from .config import ConfigError, config_to_dict, parse_assignments, resolve_conf
 from .pipeline import StageError, check_run_id, list_stages, run_stage
 
 # %% auto #0
-__all__ = ['build_parser', 'train_to_run_args', 'main']
+__all__ = ['build_parser', 'reproduce_dir', 'train_to_run_args', 'main']
 
 # %% ../nbs/api/91_cli.ipynb #0005
 def _run_flags(p) -> None:
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--run-id', default=None, help='run folder name (default: UTC time + random suffix)')
     t.add_argument('--overwrite', action='store_true', help='replace an existing run folder of the same --run-id')
     _run_flags(t)
+    rp = sub.add_parser('reproduce', help="run one paper-table notebook of nbs/reproduce/ (papermill), or 'list' them")
+    rp.add_argument('table', help="table name (general_qa, medical, turns_docs, training_efficiency, reward_ablation, component_ablation) or 'list'")
+    rp.add_argument('--config', default='smoke', help='config name in configs/ or a YAML path (default: smoke)')
+    rp.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help='a notebook parameter, e.g. eval_run=ID (repeatable)')
+    rp.add_argument('--quiet', action='store_true', help='no progress bar')
     sub.add_parser('stages', help='list the stages and their parameters')
     c = sub.add_parser('config', help='print the resolved config as YAML')
     c.add_argument('--config', default='smoke', help='config name in configs/ or a YAML path')
@@ -83,6 +88,11 @@ def _report(res) -> None:
     for k, v in (res.manifest.get('metrics') or {}).items():
         print(f"  {k}: {json.dumps(v) if not isinstance(v, str) else v}")
 
+def reproduce_dir() -> Path:
+    "The folder of the paper-table notebooks (`nbs/reproduce/`)."
+    from s3_nbs.config import project_root
+    return project_root()/'nbs'/'reproduce'
+
 def train_to_run_args(a: argparse.Namespace) -> list[str]:
     "`s3 train ...` as the `s3 run 04_train ...` it is (the same stage notebook and code)."
     out = ['run', '04_train', '--config', a.config] + [f'--set={s}' for s in a.set] + [f'--param={p}' for p in a.param]
@@ -113,6 +123,13 @@ def main(argv=None) -> int:
             from s3_nbs.generator import serve_generator
             return serve_generator(args.model, port=args.port, host=args.host, backend=args.backend, max_model_len=args.max_model_len,
                                    token=args.token)  # None: env S3_GENERATOR_TOKEN; warns when off-loopback without one
+        elif args.cmd == 'reproduce':
+            folder = reproduce_dir()
+            if args.table == 'list':
+                for st in list_stages(folder): print(st.describe())
+            else:
+                res = run_stage(args.table, args.config, params=parse_assignments(args.param), folder=folder, progress=not args.quiet)
+                _report(res)
         elif args.cmd == 'train':
             return main(train_to_run_args(args))
         elif args.cmd == 'run':
