@@ -13,7 +13,7 @@ from .config import ConfigError, config_to_dict, parse_assignments, resolve_conf
 from .pipeline import StageError, check_run_id, list_stages, run_stage
 
 # %% auto #0
-__all__ = ['build_parser', 'reproduce_dir', 'train_to_run_args', 'main']
+__all__ = ['build_parser', 'reproduce_dir', 'train_to_run_args', 'train_verl', 'main']
 
 # %% ../nbs/api/91_cli.ipynb #0005
 def _run_flags(p) -> None:
@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help='any other 04_train parameter (repeatable)')
     t.add_argument('--run-id', default=None, help='run folder name (default: UTC time + random suffix)')
     t.add_argument('--overwrite', action='store_true', help='replace an existing run folder of the same --run-id')
+    t.add_argument('--backend', choices=('local', 'verl'), default=None, help='local: one process, stage 04_train (CPU or one GPU); verl: verl on Ray (GPUs). Default: train.backend')
+    t.add_argument('--dry-run', action='store_true', help='--backend verl: write the run folder and print the command, run nothing')
+    t.add_argument('--reward-url', default=None, help='--backend verl: the reward service (`s3 serve-reward`); default env S3_REWARD_URL')
+    t.add_argument('--ray-address', default='', help='--backend verl: join this Ray cluster (HOST:6379); default: the local one, started if needed')
+    t.add_argument('--nnodes', type=int, default=1, help='--backend verl: nodes of the verl job (default 1)')
+    t.add_argument('--gpus-per-node', type=int, default=None, help='--backend verl: GPUs per node (default: train.n_gpus)')
+    t.add_argument('--training-set', default=None, help='--backend verl: a stage-03b run folder or a jsonl (default: the latest 03b run)')
     _run_flags(t)
     rp = sub.add_parser('reproduce', help="run one paper-table notebook of nbs/reproduce/ (papermill), or 'list' them")
     rp.add_argument('table', help="table name (general_qa, medical, turns_docs, training_efficiency, reward_ablation, component_ablation) or 'list'")
@@ -102,6 +109,28 @@ def train_to_run_args(a: argparse.Namespace) -> list[str]:
         if v: out += [flag, v]
     return out + [f for f, on in (('--overwrite', a.overwrite), ('--quiet', a.quiet), ('--log-output', a.log_output)) if on]
 
+def train_verl(a: argparse.Namespace) -> int:
+    """`s3 train --backend verl`: write the run folder (`outputs/runs/04_train_verl/<run_id>/`) and print the command; unless
+    `--dry-run`, check the services, start or join Ray and run it. `--resume RUN_ID` runs that run's command again."""
+    from s3_nbs.pipeline import new_run_id, runs_dir
+    from s3_nbs.verl_loop import ServiceUnavailable, load_verl_run, prepare_verl_run, run_verl
+    try:
+        if a.param or a.warm_start is not None:
+            raise StageError("-p and --warm-start are options of the local trainer (stage 04_train); with --backend verl use --set")
+        if a.resume: plan = load_verl_run(runs_dir('04_train_verl')/a.resume)
+        else:
+            over = parse_assignments(a.set)
+            for key, v in (('train.steps', a.steps), ('train.algorithm', a.algorithm), ('searcher.model', a.searcher)):
+                if v is not None: over[key] = v
+            cfg = resolve_config(a.config, cli=over)
+            d = check_run_id('04_train_verl', a.run_id or new_run_id(), a.overwrite)
+            plan = prepare_verl_run(cfg, d, training_set=a.training_set, reward_url=a.reward_url or '', ray_address=a.ray_address,
+                                    n_gpus_per_node=a.gpus_per_node, nnodes=a.nnodes)
+        print(plan.shell()); print(f"run folder: {plan.run_dir}", file=sys.stderr)
+        return 0 if a.dry_run else run_verl(plan, ray_address=a.ray_address)
+    except (StageError, ConfigError, FileNotFoundError, ValueError, ServiceUnavailable) as e:
+        print(f"s3: error: {e}", file=sys.stderr); return 2
+
 def main(argv=None) -> int:
     "Entry point of the `s3` command; returns the exit status."
     args = build_parser().parse_args(argv)
@@ -131,7 +160,8 @@ def main(argv=None) -> int:
                 res = run_stage(args.table, args.config, params=parse_assignments(args.param), folder=folder, progress=not args.quiet)
                 _report(res)
         elif args.cmd == 'train':
-            return main(train_to_run_args(args))
+            backend = args.backend or resolve_config(args.config, cli=parse_assignments(args.set)).train.backend
+            return train_verl(args) if backend == 'verl' else main(train_to_run_args(args))
         elif args.cmd == 'run':
             if args.resume and args.run_id and args.resume != args.run_id: raise StageError('give --resume RUN_ID or --run-id, not both')
             kw = dict(progress=not args.quiet, log_output=args.log_output, run_id=args.resume or args.run_id, overwrite=args.overwrite,
