@@ -95,10 +95,11 @@ if __name__ == '__main__':
     for c in a.configs:
         path = Path(a.out)/f"{Path(c).stem}.json"
         r = json.loads(path.read_text()) if path.is_file() else {}
-        r.update(config=c, overrides=over, searcher=a.searcher, host=host())
+        r['config'] = c
+        meta = dict(overrides=over, searcher=a.searcher, host=host())  # each section keeps what it was measured with
         with tempfile.TemporaryDirectory() as d:
             inp, tr = trainer_for(c, over, d, a.searcher)
-            if a.steps: r['steps'] = bench_steps(tr, inp, a.steps)
-            if a.compare_generators: r['generators'] = compare_generators(tr, inp, a.repeats)
+            if a.steps: r['steps'] = {**bench_steps(tr, inp, a.steps), **meta}
+            if a.compare_generators: r['generators'] = {**compare_generators(tr, inp, a.repeats), **meta}
         print(json.dumps({k: r.get(k) for k in ('config', 'steps', 'generators')}, default=str)[:2000])
         path.write_text(json.dumps(r, indent=1))

@@ -160,7 +160,13 @@ def main(argv=None) -> int:
                 res = run_stage(args.table, args.config, params=parse_assignments(args.param), folder=folder, progress=not args.quiet)
                 _report(res)
         elif args.cmd == 'train':
-            backend = args.backend or resolve_config(args.config, cli=parse_assignments(args.set)).train.backend
+            from s3_nbs.pipeline import runs_dir
+            backend = args.backend or ('verl' if args.resume and (runs_dir('04_train_verl')/args.resume).is_dir()
+                                       else resolve_config(args.config, cli=parse_assignments(args.set)).train.backend)
+            verl_only = [f for f, on in (('--dry-run', args.dry_run), ('--reward-url', args.reward_url), ('--ray-address', args.ray_address),
+                                         ('--training-set', args.training_set), ('--gpus-per-node', args.gpus_per_node),
+                                         ('--nnodes', args.nnodes != 1)) if on]
+            if backend != 'verl' and verl_only: raise StageError(f"{', '.join(verl_only)}: options of --backend verl (this run is local)")
             return train_verl(args) if backend == 'verl' else main(train_to_run_args(args))
         elif args.cmd == 'run':
             if args.resume and args.run_id and args.resume != args.run_id: raise StageError('give --resume RUN_ID or --run-id, not both')

@@ -1,4 +1,4 @@
-"""wiki-18 style corpus records: build, split, read (wiki-18 or `{title, text}` jsonl), write, hash and format.
+"""wiki-18 style corpus records: build, split, read (wiki-18 or `{title, text}` jsonl), check a user's corpus, write, hash and format.
 
 Docs: https://s3-nbs.github.io/s3_nbs/api/corpus.html.md"""
 
@@ -6,13 +6,15 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/corpus.html.md"""
 
 # %% ../nbs/api/02_corpus.ipynb #0003
 from __future__ import annotations
-import hashlib
+import hashlib, json
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
-from .data import DataFormatError, iter_jsonl, write_jsonl
+from .data import BadRecord, BadRecordsError, DataFormatError, check_on_bad_record, iter_jsonl, write_jsonl
+from .metrics import span_check
 
 # %% auto #0
-__all__ = ['make_contents', 'split_contents', 'corpus_record', 'read_corpus', 'write_corpus', 'corpus_hash', 'format_docs']
+__all__ = ['make_contents', 'split_contents', 'corpus_record', 'read_corpus', 'write_corpus', 'corpus_hash',
+           'check_corpus_record', 'iter_corpus_checked', 'prepare_corpus', 'attach_evidence', 'format_docs']
 
 # %% ../nbs/api/02_corpus.ipynb #0007
 def make_contents(title: str, text: str) -> str:
@@ -71,6 +73,77 @@ def write_corpus(records: Iterable[Mapping], path) -> int:
 def corpus_hash(path) -> str:
     "sha256 (hex) of a corpus file's bytes (`hashlib.file_digest`, which reads in chunks): a cache key for indexes built from it."
     with open(path, 'rb') as f: return hashlib.file_digest(f, 'sha256').hexdigest()
+
+# %% ../nbs/api/02_corpus.ipynb #62f3be0e
+def check_corpus_record(rec: Mapping, index: int = 0, where='<record>', line: int | None = None) -> dict:
+    "`corpus_record`, and a `DataFormatError` for a passage without text."
+    out = corpus_record(rec, index, where, line)
+    if not split_contents(out['contents'])[1]:
+        raise DataFormatError(where, line, "empty passage (no text)", 'contents' if 'contents' in rec else 'text')
+    return out
+
+def iter_corpus_checked(path, bad: list) -> Iterator[dict]:
+    """Stream the good records of a jsonl corpus in wiki-18 shape; each malformed one is appended to `bad` as a
+    `BadRecord` (all of them, in line order, once the stream is exhausted)."""
+    json_bad, rec_bad, seen = [], [], {}
+    for i, (n, rec) in enumerate(iter_jsonl(path, json_bad)):
+        try:
+            r = check_corpus_record(rec, index=i + len(json_bad), where=path, line=n)
+            if r['id'] in seen: raise DataFormatError(path, n, f"duplicate id {r['id']!r} (first seen on line {seen[r['id']]})", 'id')
+        except DataFormatError as e:
+            rec_bad.append(BadRecord.from_error(e, json.dumps(rec, ensure_ascii=False))); continue
+        seen[r['id']] = n
+        yield r
+    bad.extend(sorted(json_bad + rec_bad, key=lambda b: b.line or 0))
+
+# %% ../nbs/api/02_corpus.ipynb #7787f7b0
+def prepare_corpus(src, dst, on_bad_record: str = 'fail', max_listed: int = 10) -> tuple[int, list[BadRecord]]:
+    """Check a user's jsonl corpus (wiki-18 `{id, contents}` or `{title, text}`) and write its good records to `dst` in
+    wiki-18 shape. `'fail'`: any malformed record raises a `BadRecordsError` listing the first `max_listed` (`dst` is
+    not written); `'skip'`: they are left out. Returns `(passages written, bad records)`."""
+    check_on_bad_record(on_bad_record)
+    src = Path(src)
+    if not src.is_file(): raise FileNotFoundError(f"{src}: no such corpus file")
+    bad = []
+    def records():
+        n = 0
+        for r in iter_corpus_checked(src, bad): n += 1; yield r
+        if bad and on_bad_record == 'fail': raise BadRecordsError(src, bad, max_listed)
+        if n == 0: raise DataFormatError(src, None, f"no usable passage ({len(bad)} malformed record(s)); expected one "
+                                         '{"title", "text"} or {"id", "contents"} object per line')
+    return write_jsonl(records(), dst), bad
+
+# %% ../nbs/api/02_corpus.ipynb #7aa02a99
+def attach_evidence(examples: Iterable, corpus_path) -> dict:
+    """Resolve the optional `evidence_titles` / `evidence_ids` in each example's metadata against a wiki-18 corpus:
+    complete each from the other (the names given are kept), and set `answer_in_evidence` (span check against the evidence
+    passages' titles and texts). Examples without evidence are untouched. Returns counts and the missing names."""
+    examples = list(examples)
+    has = lambda e: bool(e.metadata.get('evidence_titles') or e.metadata.get('evidence_ids'))
+    with_ev = [e for e in examples if has(e)]
+    report = {'questions': len(examples), 'with_evidence': len(with_ev), 'evidence_found': 0, 'answer_in_evidence': 0,
+              'missing_titles': [], 'missing_ids': []}
+    if not with_ev: return report
+    want_t = {t for e in with_ev for t in e.metadata.get('evidence_titles') or []}
+    want_i = {str(i) for e in with_ev for i in e.metadata.get('evidence_ids') or []}
+    by_title, passages = {}, {}
+    for r in read_corpus(corpus_path):
+        title, text = split_contents(r['contents'])
+        if title in want_t: by_title.setdefault(title, []).append(r['id'])
+        if title in want_t or r['id'] in want_i: passages[r['id']] = (title, text)
+    missing_t, missing_i = set(want_t - set(by_title)), set(want_i - set(passages))
+    for e in with_ev:
+        titles = list(e.metadata.get('evidence_titles') or [])
+        given = [str(i) for i in e.metadata.get('evidence_ids') or []]
+        ids = [i for i in dict.fromkeys(given + [i for t in titles for i in by_title.get(t, [])]) if i in passages]
+        e.metadata['evidence_ids'] = list(dict.fromkeys(given + ids))  # what the user gave is kept, found passages added
+        e.metadata['evidence_titles'] = list(dict.fromkeys(titles + [passages[i][0] for i in ids]))
+        e.metadata['answer_in_evidence'] = bool(ids) and span_check(' '.join(f"{passages[i][0]} {passages[i][1]}" for i in ids),
+                                                                    e.golden_answers)
+        report['evidence_found'] += bool(ids)
+        report['answer_in_evidence'] += e.metadata['answer_in_evidence']
+    report.update(missing_titles=sorted(missing_t), missing_ids=sorted(missing_i))
+    return report
 
 # %% ../nbs/api/02_corpus.ipynb #0021
 def format_docs(docs: Iterable[Mapping]) -> str:

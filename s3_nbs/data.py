@@ -6,15 +6,19 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/data.html.md"""
 
 # %% ../nbs/api/01_data.ipynb #0003
 from __future__ import annotations
-import gzip, json, os, random, re
+import csv, gzip, json, os, random, re
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+from .config import project_root
 from .metrics import is_yes_no_answer
 
 # %% auto #0
-__all__ = ['FLASHRAG_REPO', 'MIRAGE_DATASETS', 'is_yes_no', 'MISSING_POLICIES', 'TRAINING_STEPS', 'DataFormatError', 'iter_jsonl',
-           'write_jsonl', 'QAExample', 'add_question_mark', 'qa_from_record', 'read_qa_jsonl', 'write_qa_jsonl',
+__all__ = ['ON_BAD_RECORD', 'LIST_COLUMNS', 'QA_FORMATS', 'QA_SPLITS', 'FLASHRAG_REPO', 'MIRAGE_DATASETS', 'is_yes_no',
+           'MISSING_POLICIES', 'TRAINING_STEPS', 'DataFormatError', 'BadRecord', 'BadRecordsError',
+           'check_on_bad_record', 'iter_jsonl', 'write_jsonl', 'QAExample', 'add_question_mark', 'qa_from_record',
+           'read_qa_jsonl', 'iter_csv', 'split_list_cell', 'qa_file_kind', 'iter_qa_rows', 'qa_from_file_record',
+           'read_qa_file', 'resolve_data_path', 'check_split_fracs', 'split_sizes', 'split_examples', 'write_qa_jsonl',
            'mark_qa_file', 'read_flashrag_folder', 'qa_from_hf', 'load_flashrag_hf', 'format_mcq', 'read_mirage',
            'drop_yes_no', 'load_rag_cache', 'drop_answered_by_rag', 'answer_in_evidence_only', 'sample_examples',
            'build_training_set', 'flashrag_training_set']
@@ -23,25 +27,73 @@ __all__ = ['FLASHRAG_REPO', 'MIRAGE_DATASETS', 'is_yes_no', 'MISSING_POLICIES', 
 class DataFormatError(ValueError):
     "A data file that does not have the expected shape; the message names the file, the line and the field."
     def __init__(self, path, line: int | None, msg: str, field: str | None = None):
-        self.path, self.line, self.field = str(path), line, field
+        self.path, self.line, self.msg, self.field = str(path), line, msg, field
         where = f"{path}, line {line}" if line is not None else f"{path}"
         super().__init__(f"{where}: {msg}")
 
-# %% ../nbs/api/01_data.ipynb #0009
-def _open_text(path, mode='rt'):
-    path = Path(path)
-    if path.suffix == '.gz': return gzip.open(path, mode, encoding='utf-8')
-    return open(path, mode, encoding='utf-8')
+# %% ../nbs/api/01_data.ipynb #c595d292
+ON_BAD_RECORD = ('fail', 'skip')  # malformed records: stop and list them, or skip them and report each
 
-def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-    "Yield `(line_number, record)` for each non-blank line of a jsonl file (1-based line numbers)."
+@dataclass
+class BadRecord:
+    "A malformed record: its file, 1-based line, what is wrong, the field at fault (if one) and the start of its text."
+    path: str
+    line: int | None
+    reason: str
+    field: str | None = None
+    text: str = ''
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}" if self.line is not None else f"{self.path}: {self.reason}"
+
+    def to_dict(self) -> dict: return asdict(self)
+
+    @classmethod
+    def from_error(cls, err: DataFormatError, text: str = '') -> BadRecord:
+        "The bad record a `DataFormatError` describes; `text` (the raw line or record) is cut to 300 characters."
+        return cls(err.path, err.line, err.msg, err.field, str(text).rstrip('\n')[:300])
+
+class BadRecordsError(DataFormatError):
+    "Malformed records in data files; `bad` holds them all, the message lists the first `max_listed` as `file:line: reason`."
+    def __init__(self, where, bad: Iterable[BadRecord], max_listed: int = 10, hint: str | None = None):
+        self.bad = list(bad)
+        hint = hint or ("Fix them, or skip them with on_bad_record='skip' (each skipped record is then reported with its line "
+                        "and reason)")
+        n = len(self.bad)
+        shown = '\n'.join(f"  {b}" for b in self.bad[:max_listed])
+        head = f"{n} malformed record(s)" + (f", the first {max_listed}" if n > max_listed else '')
+        super().__init__(where, None, f"{head}:\n{shown}\n{hint}")
+        self.line = self.bad[0].line if self.bad else None
+
+def check_on_bad_record(on_bad_record: str) -> str:
+    "`on_bad_record` when it is one of `ON_BAD_RECORD`, else a ValueError naming the choices."
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"on_bad_record={on_bad_record!r}: use one of {', '.join(map(repr, ON_BAD_RECORD))}")
+    return on_bad_record
+
+# %% ../nbs/api/01_data.ipynb #0009
+def _open_text(path, mode='rt', encoding='utf-8', newline=None):
+    path = Path(path)
+    if path.suffix == '.gz': return gzip.open(path, mode, encoding=encoding, newline=newline)
+    return open(path, mode, encoding=encoding, newline=newline)
+
+def _json_object(path, n: int, line: str) -> dict:
+    try: rec = json.loads(line)
+    except json.JSONDecodeError as e: raise DataFormatError(path, n, f"invalid JSON ({e.msg})") from None
+    if not isinstance(rec, dict): raise DataFormatError(path, n, f"expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+def iter_jsonl(path, bad: list | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, record)` for each non-blank line of a jsonl file (1-based line numbers).
+    A line that is not a JSON object raises a `DataFormatError`; with `bad` (a list) it is appended there as a
+    `BadRecord` and skipped instead."""
     with _open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip(): continue
-            try: rec = json.loads(line)
-            except json.JSONDecodeError as e: raise DataFormatError(path, n, f"invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataFormatError(path, n, f"expected a JSON object, got {type(rec).__name__}")
+            try: rec = _json_object(path, n, line)
+            except DataFormatError as e:
+                if bad is None: raise
+                bad.append(BadRecord.from_error(e, line)); continue
             yield n, rec
 
 # %% ../nbs/api/01_data.ipynb #0010
@@ -149,6 +201,172 @@ def read_qa_jsonl(path, dataset: str | None = None, question_mark: bool = False)
             raise DataFormatError(path, n, f"duplicate id {ex.id!r} (first seen on line {seen[ex.id]})", 'id')
         seen[ex.id] = n
         out.append(ex)
+    return out
+
+# %% ../nbs/api/01_data.ipynb #26007951
+def _bad_or_raise(err: DataFormatError, bad: list | None, text: str = ''):
+    "Append the error to `bad` as a `BadRecord`, or raise it when there is no list."
+    if bad is None: raise err
+    bad.append(BadRecord.from_error(err, text))
+
+def _csv_header(path, n: int, row: list[str], require) -> list[str]:
+    header = [h.strip() for h in row]
+    if not all(header): raise DataFormatError(path, n, f"the header has an empty column name: {row}")
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup: raise DataFormatError(path, n, f"the header repeats the column(s) {dup}")
+    for group in map(tuple, require):
+        if not set(group) & set(header):
+            raise DataFormatError(path, n, f"the header has no column {' or '.join(map(repr, group))} (its columns: "
+                                  f"{', '.join(header)})", group[0])
+    return header
+
+def iter_csv(path, bad: list | None = None, require: Iterable[Iterable[str]] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, row)` for the data rows of a CSV file with a header row (`.tsv`: tab-separated; `.gz` allowed).
+    A row is `{column: cell}` without its empty cells; its number is the 1-based file line where it starts. `require`:
+    groups of column names, the header must have one of each. A row with more or fewer cells than the header raises a
+    `DataFormatError`, or with `bad` (a list) is appended there as a `BadRecord` and skipped."""
+    delimiter = '\t' if Path(path).name.lower().removesuffix('.gz').endswith('.tsv') else ','
+    with _open_text(path, encoding='utf-8-sig', newline='') as f:  # utf-8-sig: a spreadsheet's byte-order mark is no header
+        reader, header, start = csv.reader(f, delimiter=delimiter), None, 1
+        try:
+            for row in reader:
+                n, start = start, reader.line_num + 1
+                if not any(c.strip() for c in row): continue
+                if header is None: header = _csv_header(path, n, row, require); continue
+                if len(row) != len(header):
+                    _bad_or_raise(DataFormatError(path, n, f"{len(row)} cells, but the header has {len(header)} columns "
+                                                  f"({', '.join(header)})"), bad, delimiter.join(row))
+                    continue
+                yield n, {h: c for h, c in zip(header, row) if c.strip()}
+        except csv.Error as e: raise DataFormatError(path, reader.line_num, f"unreadable CSV ({e})") from None
+
+# %% ../nbs/api/01_data.ipynb #cf2cfb3b
+LIST_COLUMNS = ('golden_answers', 'answers', 'answer', 'evidence_titles', 'evidence_ids')  # CSV cells that may hold several values
+QA_FORMATS = {'.jsonl': 'jsonl', '.csv': 'csv', '.tsv': 'csv'}  # QA file suffix (before an optional .gz) -> its reader
+
+def split_list_cell(cell: str, where='<cell>', line: int | None = None, column: str = '') -> list:
+    "The values of a CSV cell: a JSON list when it starts with `[`, else the parts between `|`, stripped, empty ones left out."
+    s = cell.strip()
+    if s.startswith('['):
+        try: return json.loads(s)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(where, line, f"column '{column}' starts with '[' but is not a JSON list ({e.msg}); write "
+                                  "several values as a JSON list or separated by '|'", column) from None
+    return [x.strip() for x in s.split('|') if x.strip()]
+
+def _name_and_suffix(path) -> tuple[str, str]:
+    p = Path(Path(path).name.removesuffix('.gz').removesuffix('.GZ'))
+    return p.stem, p.suffix.lower()
+
+def qa_file_kind(path) -> str:
+    "`jsonl` or `csv`, from the file name (`.jsonl`, `.csv`, `.tsv`, each optionally `.gz`)."
+    suffix = _name_and_suffix(path)[1]
+    if suffix not in QA_FORMATS:
+        raise DataFormatError(path, None, f"unknown QA file type {suffix or '(no suffix)'!r}: use {', '.join(QA_FORMATS)} "
+                              "(optionally .gz)")
+    return QA_FORMATS[suffix]
+
+def iter_qa_rows(path, bad: list | None = None) -> Iterator[tuple[int, dict]]:
+    """The raw records of a QA file with their line numbers: jsonl objects as they are, CSV rows with the cells of
+    `LIST_COLUMNS` split into lists. A malformed line raises, or with `bad` (a list) goes there as a `BadRecord`."""
+    if qa_file_kind(path) == 'jsonl':
+        yield from iter_jsonl(path, bad)
+        return
+    for n, row in iter_csv(path, bad, require=(('question',), ('golden_answers', 'answers', 'answer'))):
+        try: row = {k: split_list_cell(v, path, n, k) if k in LIST_COLUMNS else v for k, v in row.items()}
+        except DataFormatError as e: _bad_or_raise(e, bad, json.dumps(row, ensure_ascii=False)); continue
+        yield n, row
+
+# %% ../nbs/api/01_data.ipynb #8542ab27
+def _checked_list(meta: dict, key: str, where, line):
+    "Make `meta[key]` (when present) a list of non-empty strings; a `DataFormatError` when it cannot be one."
+    v = meta.get(key)
+    if v is None: return
+    ok = lambda x: isinstance(x, (str, int)) and not isinstance(x, bool)
+    if ok(v): v = [v]
+    if not isinstance(v, list) or not all(ok(x) for x in v):
+        raise DataFormatError(where, line, f"field '{key}' must be a string or a list of strings, got {json.dumps(v)[:80]}", key)
+    meta[key] = [str(x).strip() for x in v if str(x).strip()]
+
+def qa_from_file_record(rec: Mapping, stem: str, where, line: int, dataset: str | None = None,
+                        question_mark: bool = False) -> QAExample:
+    """`qa_from_record` for a record of a user's QA file: a missing id becomes `<stem>-<line>`, a missing dataset the
+    file stem; the optional `evidence_titles` / `evidence_ids` (a string or a list) become lists in metadata."""
+    rid = rec.get('id')
+    if rid is None or rid == '': rec = {**rec, 'id': f"{stem}-{line}"}
+    elif isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise DataFormatError(where, line, f"field 'id' must be a string or an integer, got {type(rid).__name__}", 'id')
+    ex = qa_from_record(rec, dataset, where=where, line=line, question_mark=question_mark)
+    for k in ('evidence_titles', 'evidence_ids'): _checked_list(ex.metadata, k, where, line)
+    if not ex.dataset: ex.dataset = stem
+    return ex
+
+def read_qa_file(path, dataset: str | None = None, question_mark: bool = False, on_bad_record: str = 'fail',
+                 max_listed: int = 10) -> tuple[list[QAExample], list[BadRecord]]:
+    """Read a user's QA file, jsonl or CSV (see above), checking every record: invalid JSON or CSV rows, a missing or
+    empty question or answer, wrong types and repeated ids are all found. `on_bad_record='fail'` raises a
+    `BadRecordsError` listing the first `max_listed` as `file:line: what is wrong`; `'skip'` leaves them out.
+    `dataset` overrides every record's. Returns `(examples, bad_records)`."""
+    check_on_bad_record(on_bad_record)
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such QA file")
+    stem, out, bad, seen = _name_and_suffix(path)[0], [], [], {}
+    for n, rec in iter_qa_rows(path, bad):
+        try:
+            ex = qa_from_file_record(rec, stem, path, n, dataset, question_mark)
+            if ex.id in seen: raise DataFormatError(path, n, f"duplicate id {ex.id!r} (first seen on line {seen[ex.id]})", 'id')
+        except DataFormatError as e:
+            bad.append(BadRecord.from_error(e, json.dumps(rec, ensure_ascii=False))); continue
+        seen[ex.id] = n
+        out.append(ex)
+    bad.sort(key=lambda b: b.line or 0)
+    if bad and on_bad_record == 'fail': raise BadRecordsError(path, bad, max_listed)
+    if not out and not bad:
+        raise DataFormatError(path, None, "no records: expected one {question, answer} object per line (jsonl) or a header "
+                              "row with question and answer columns and one row per question (CSV)")
+    return out, bad
+
+# %% ../nbs/api/01_data.ipynb #dc80cdc9
+def resolve_data_path(value, field: str = 'path') -> Path:
+    """The file a config value names (`~` expanded): an absolute path as it is; a relative one looked up in the folder
+    the command was started from (env `PWD`), then the project root. A FileNotFoundError names the field and the places."""
+    p = Path(str(value)).expanduser()
+    bases = [b for b in (os.environ.get('PWD'), project_root(), Path.cwd()) if b]
+    cands = [p] if p.is_absolute() else list(dict.fromkeys(Path(b)/p for b in bases))
+    for c in cands:
+        if c.is_file(): return c.resolve()
+    raise FileNotFoundError(f"{field}={str(value)!r}: no such file (looked for {', '.join(map(str, cands))})")
+
+# %% ../nbs/api/01_data.ipynb #2bdbef41
+QA_SPLITS = ('train', 'dev', 'test')
+
+def check_split_fracs(split_fracs) -> tuple[float, float, float]:
+    "Three non-negative fractions (train, dev, test) summing to 1, else a ValueError."
+    f = tuple(float(x) for x in split_fracs)
+    if len(f) != 3 or any(x < 0 for x in f) or abs(sum(f) - 1) > 1e-6:
+        raise ValueError(f"split_fracs must be three non-negative fractions (train, dev, test) summing to 1, got {split_fracs!r}")
+    return f
+
+def split_sizes(n: int, split_fracs=(0.6, 0.2, 0.2)) -> tuple[int, int, int]:
+    "Split sizes that add up to `n`: the floors of `n * fraction`, the rest one each to the largest remainders (train first on ties)."
+    raw = [round(n * x, 9) for x in check_split_fracs(split_fracs)]
+    sizes = [int(r) for r in raw]
+    for i in sorted(range(3), key=lambda i: (sizes[i] - raw[i], i))[:n - sum(sizes)]: sizes[i] += 1
+    return tuple(sizes)
+
+def split_examples(examples: Iterable[QAExample], split_fracs=(0.6, 0.2, 0.2), seed: int = 42) -> dict[str, list[QAExample]]:
+    "`{'train': [...], 'dev': [...], 'test': [...]}`: `split_sizes` of the examples by a seeded shuffle of their sorted ids (ids must be unique)."
+    examples = list(examples)
+    ids = [e.id for e in examples]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate question id(s) {sorted({i for i in ids if ids.count(i) > 1})[:5]}: the split is by id")
+    order = sorted(range(len(examples)), key=lambda i: ids[i])
+    random.Random(seed).shuffle(order)
+    n_train, n_dev, _ = split_sizes(len(examples), split_fracs)
+    rank = {i: k for k, i in enumerate(order)}
+    which = lambda k: 'train' if k < n_train else 'dev' if k < n_train + n_dev else 'test'
+    out = {s: [] for s in QA_SPLITS}
+    for i, e in enumerate(examples): out[which(rank[i])].append(e)
     return out
 
 # %% ../nbs/api/01_data.ipynb #0030

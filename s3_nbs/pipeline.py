@@ -280,11 +280,14 @@ def run_stage(name: str, config: str | None = 'smoke', params: Mapping | None = 
     checkpoints, the search log) continue where it stopped. The previous executed notebook is kept beside the new one."""
     stage = get_stage(name, folder)
     params = check_params(stage, params)
+    fresh = dict(params)  # this call's parameters: on resume they beat the run's saved overrides of the same field
     if resume: config, params, saved_cli = _resume_inputs(stage.name, run_id, overwrite, params)
     if 'config' in params: config = params.pop('config')
     cli = parse_assignments(overrides)
     if 'overrides' in params: cli = {**parse_assignments(params.pop('overrides')), **cli}
-    if resume: cli = {**saved_cli, **cli}
+    if resume:  # the saved overrides, except where a new parameter sets the same field (new values win)
+        layer = _stage_layer(stage, fresh)
+        cli = {**{k: v for k, v in saved_cli.items() if k not in layer}, **cli}
     try: cfg = resolve_config(config, stage=_stage_layer(stage, params), cli=cli)
     except (ConfigError, FileNotFoundError) as e: raise StageError(f"stage {stage.name}: {e}") from None
     if resume: run_dir, attempt = runs_dir(stage.name)/run_id, _keep_previous_attempt(runs_dir(stage.name)/run_id, stage.name)

@@ -15,8 +15,8 @@ from .config import outputs_dir
 from .pipeline import read_json, runs_dir
 
 # %% auto #0
-__all__ = ['GENERAL_QA_DATASETS', 'MEDICAL_DATASETS', 'PAPER', 'PAPER_NOTES', 'METHOD_OF_ROW', 'finished_runs', 'run_label',
-           'eval_table', 'ours_by_method', 'side_by_side', 'write_outputs']
+__all__ = ['GENERAL_QA_DATASETS', 'MEDICAL_DATASETS', 'PAPER', 'PAPER_NOTES', 'METHOD_OF_ROW', 'finished_runs', 'searcher_source',
+           'run_label', 'eval_table', 'ours_by_method', 'side_by_side', 'write_outputs']
 
 # %% ../nbs/api/80_reproduce.ipynb #d720f5f4
 GENERAL_QA_DATASETS = ('nq', 'triviaqa', 'popqa', 'hotpotqa', '2wikimultihopqa', 'musique')
@@ -78,14 +78,26 @@ def finished_runs(stage: str, ids: Sequence[str] | str | None = None) -> list[di
     runs = [{**m, 'run_dir': str(p)} for p in d.glob('*') if p.is_dir() and (m := read_json(p/'manifest.json')) and m.get('status') == 'ok']
     return sorted(runs, key=lambda m: m.get('started', ''), reverse=True)
 
+def searcher_source(man: Mapping) -> tuple[dict, dict]:
+    """The searcher config s3's contexts were made with, and the manifest of the run that made them: the stage-05 run
+    the evaluation read (its upstream `05_search`), else the evaluation itself (it ran the searcher, `s3_searcher`)."""
+    up = (man.get('upstream') or {}).get('05_search')
+    src = read_json(Path(up)/'manifest.json', {}) if up else {}
+    if src: return (src.get('config') or {}).get('searcher', {}), src
+    return (man.get('config') or {}).get('searcher', {}), man
+
 def run_label(man: Mapping) -> dict:
-    "What a run used: frozen generator, searcher model and X-Y-Z, data, seed (from its recorded config)."
+    "What a run used: frozen generator, data, and the searcher behind s3's contexts (model, X-Y-Z, begin-with-search)."
     c = man.get('config') or {}
-    s, g, d = c.get('searcher', {}), c.get('generator', {}), c.get('data', {})
-    return {'run': Path(man['run_dir']).name, 'generator': g.get('model'), 'searcher': s.get('model'),
+    g, d = c.get('generator', {}), c.get('data', {})
+    s, src = searcher_source(man)
+    s3 = (man.get('metrics') or {}).get('s3') or {}
+    model = s3.get('searcher') if isinstance(s3, Mapping) and s3.get('searcher') else (src.get('metrics') or {}).get('searcher') or s.get('model')
+    return {'run': Path(man['run_dir']).name, 'generator': g.get('model'), 'searcher': model,
             'xyz': f"{s.get('retrieved_per_search')}-{s.get('max_selected')}-{s.get('max_turns')}",
             'begin_with_search': s.get('begin_with_search'), 'accuracy': (c.get('reward') or {}).get('accuracy'),
-            'data': f"{d.get('qa')} questions / {d.get('corpus')} corpus", 'config': c.get('name')}
+            'data': f"{d.get('qa')} questions / {d.get('corpus')} corpus", 'config': c.get('name'),
+            'contexts_from': Path(src['run_dir']).name if src is not man and src.get('run_dir') else 'this run'}
 
 def eval_table(man: Mapping) -> pd.DataFrame:
     "A stage-06 run's table (one row per method, dataset, seed) with the run's labels as columns."
@@ -93,18 +105,20 @@ def eval_table(man: Mapping) -> pd.DataFrame:
     if not p.is_file(): raise FileNotFoundError(f"{p} is missing: is {man['run_dir']} a finished 06_evaluate run?")
     t = pd.read_csv(p)
     for k, v in run_label(man).items(): t[k] = v
-    s3 = (man.get('metrics') or {}).get('s3') or {}
-    if isinstance(s3, Mapping) and s3.get('searcher'): t.loc[t.method == 's3', 'searcher'] = s3['searcher']
     return t
 
 # %% ../nbs/api/80_reproduce.ipynb #333aaf32
-def ours_by_method(table: pd.DataFrame, metric: str = 'genacc', seed=None) -> pd.DataFrame:
-    "Our `metric` in % per method (rows) and dataset (columns, `avg` last), from a stage-06 table (first seed unless given)."
-    t = table if seed is None else table[table.seed == seed]
-    if seed is None and len(t): t = t[t.seed == t.seed.iloc[0]]
+def ours_by_method(table: pd.DataFrame, metric: str = 'genacc', seed=None, datasets: Sequence[str] | None = None) -> pd.DataFrame:
+    """Our `metric` in % per method (rows) and dataset (columns), then `avg`: the mean over those datasets (as the paper
+    averages), recomputed here so it covers exactly the columns shown; empty for a method missing any of them.
+    `datasets` keeps only those (default: every dataset of the table); the first seed unless `seed` is given."""
+    t = table[table.dataset != 'avg']
+    if datasets is not None: t = t[t.dataset.isin(datasets)]
+    if seed is not None: t = t[t.seed == seed]
+    elif len(t): t = t[t.seed == t.seed.iloc[0]]
     w = t.pivot_table(index='method', columns='dataset', values=metric, aggfunc='first', sort=False) * 100
-    cols = [c for c in w.columns if c != 'avg'] + (['avg'] if 'avg' in w.columns else [])
-    return w[cols].round(1)
+    if len(w.columns): w['avg'] = w.mean(axis=1, skipna=False)
+    return w.round(1)
 
 def side_by_side(paper: pd.DataFrame, ours: pd.DataFrame | None, row_method: Mapping[str, str], label: str = 'ours') -> pd.DataFrame:
     "The paper's table with our numbers beside it (`<label>: <dataset>` columns); empty where a method was not run."

@@ -366,7 +366,7 @@ class Trainer:
         group = [str(self.questions[i].id if hasattr(self.questions[i], 'id') else i) for i in idx for _ in range(self.t.samples_per_prompt)]
         batch['advantages'], batch['returns'] = advantages(self.t.algorithm, token_rewards, mask, batch.get('values'),
                                                            self.t.gamma, self.t.lam, group)
-        lp_gap = float((batch['old_log_probs'] - batch['rollout_log_probs']).abs().mul(mask).sum() / mask.sum().clamp(min=1))
+        lp_gap = None if self.on_policy else float((batch['old_log_probs'] - batch['rollout_log_probs']).abs().mul(mask).sum() / mask.sum().clamp(min=1))
         t3 = time.perf_counter()
         upd = self.update(batch)
         t4 = time.perf_counter()
@@ -549,8 +549,12 @@ def resolve_searcher(spec: str, runs=None) -> str:
     p = Path(str(spec)).expanduser()
     if not p.is_dir():
         name, _, rest = str(spec).partition('/')
-        if name == 'latest' and (runs/'latest').is_file(): name = (runs/'latest').read_text().strip()
-        if not name or not (runs/name).is_dir(): return str(spec)
+        if name == 'latest':
+            if not (runs/'latest').is_file(): raise ValueError(f"no finished 04_train run under {runs}: train first (`s3 train`) or name a model")
+            name = (runs/'latest').read_text().strip()
+        if not name or not (runs/name).is_dir():
+            if re.fullmatch(r'(?:checkpoints/)?step_\d+/?', rest): raise ValueError(f"no 04_train run {name!r} under {runs}")
+            return str(spec)
         p = runs/name
         if rest:
             m = re.fullmatch(r'(?:checkpoints/)?step_(\d+)/?', rest)
