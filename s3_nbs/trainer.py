@@ -547,6 +547,9 @@ def resolve_searcher(spec: str, runs=None) -> str:
     from s3_nbs.pipeline import runs_dir
     runs = Path(runs) if runs is not None else runs_dir('04_train')
     p = Path(str(spec)).expanduser()
+    if not p.is_absolute() and not p.is_dir() and (Path(os.environ.get('PWD', '.'))/p).is_dir():
+        p = Path(os.environ['PWD'])/p  # a folder relative to where `s3` was started (stage notebooks run in their run folder)
+        spec = str(p)
     if not p.is_dir():
         name, _, rest = str(spec).partition('/')
         if name == 'latest':
