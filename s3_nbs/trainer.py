@@ -318,7 +318,7 @@ class Trainer:
                         kl = ca.kl_penalty(logp, tb['ref_log_probs'][:, :R], self.t.kl_estimator)
                         kl_loss = ca.agg_loss(kl, mask, mode, **info)
                         loss = loss + self.cfg.reward.kl_coef * kl_loss
-                        agg['kl_loss'].append(float(kl_loss))
+                        agg['kl_loss'].append(float(kl_loss.detach()))
                     loss.backward()
                     agg['pg_loss'].append(float(pg)); agg['entropy'].append(float(vF.masked_mean(ent.detach(), mask)))
                     agg['clipfrac'].append(m.get('actor/pg_clipfrac', 0.0)); agg['ppo_kl'].append(m.get('actor/ppo_kl', 0.0))
