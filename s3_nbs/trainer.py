@@ -320,14 +320,14 @@ class Trainer:
                         loss = loss + self.cfg.reward.kl_coef * kl_loss
                         agg['kl_loss'].append(float(kl_loss.detach()))
                     loss.backward()
-                    agg['pg_loss'].append(float(pg)); agg['entropy'].append(float(vF.masked_mean(ent.detach(), mask)))
+                    agg['pg_loss'].append(float(pg.detach())); agg['entropy'].append(float(vF.masked_mean(ent.detach(), mask)))
                     agg['clipfrac'].append(m.get('actor/pg_clipfrac', 0.0)); agg['ppo_kl'].append(m.get('actor/ppo_kl', 0.0))
                     if self.critic is not None:
                         with _autocast(self.device, self.bf16):
                             vpred = self.critic.values(tb)
                         vl, vclip = ca.compute_value_loss(vpred, tb['returns'][:, :R], tb['values'][:, :R], mask, self.t.value_clip, mode, **info)
                         vl.backward()
-                        agg['value_loss'].append(float(vl)); agg['vf_clipfrac'].append(float(vclip))
+                        agg['value_loss'].append(float(vl.detach())); agg['vf_clipfrac'].append(float(vclip))
                 agg['grad_norm'].append(self._opt_step(self.actor.parameters(), self.actor_opt))
                 if self.critic is not None: agg['critic_grad_norm'].append(self._opt_step(self.critic.parameters(), self.critic_opt))
         self.actor_sched.step()
