@@ -10,7 +10,7 @@ import argparse, json, sys
 from pathlib import Path
 import yaml
 from .config import ConfigError, config_to_dict, parse_assignments, resolve_config
-from .pipeline import StageError, check_run_id, list_stages, run_stage
+from .pipeline import StageError, check_run_id, list_stages, run_stage, run_summary
 
 # %% auto #0
 __all__ = ['build_parser', 'reproduce_dir', 'train_to_run_args', 'train_verl', 'main']
@@ -178,8 +178,10 @@ def main(argv=None) -> int:
                 stages = list_stages()
                 if args.run_id is not None:  # refuse before the first stage runs, not half-way
                     for st in stages: check_run_id(st.name, args.run_id, args.overwrite)
+                done = []
                 for st in stages:  # report each stage as soon as it finishes
-                    _report(run_stage(st.name, args.config, overrides=args.set, **kw))
+                    done.append(run_stage(st.name, args.config, overrides=args.set, **kw)); _report(done[-1])
+                print('\n' + run_summary(done))
             else:
                 _report(run_stage(args.stage, args.config, params=parse_assignments(args.param), overrides=args.set, **kw))
     except (StageError, ConfigError, FileNotFoundError) as e:

@@ -65,6 +65,9 @@ class DataConfig:
     drop_yes_no: bool = True  # training set: drop questions whose gold answers are yes/no/true/false (the original)
     drop_rag_correct: bool = True  # training set: drop questions naive RAG already answers (cache accuracy 1; the original)
     question_mark: bool = True  # end every question with '?' when it lacks one, as the original formats them
+    gainable_only: bool = False  # keep only questions where one answer-bearing document retrieved for the question, alone, makes the generator right and no document does not (`s3_nbs.reward.probe_gain`, in stage 03b; the CPU learning config)
+    gainable_topk: int = 5  # documents retrieved for the question that data.gainable_only tries one at a time
+    max_train_questions: int = 0  # the first N questions of the training split that stages 03 (naive-RAG cache) and 03b (training set) take (0: all; the demo's short path)
     answer_in_evidence_only: bool = False  # keep only questions whose gold answer is verbatim in their evidence passages (demo data records it; the CPU learning config: a better context can change the answer there)
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class GeneratorConfig:
 class SearcherConfig:
     "The searcher policy and its protocol budget (X-Y-Z = retrieved_per_search-max_selected-max_turns)."
     model: str = 'smollm2-135m-instruct'  # policy model (paper: Qwen2.5-7B-Instruct)
+    checkpoint: str = ''  # the searcher stages 05 and 06 run when their `searcher` parameter is not given: a 04_train run id, `latest`, RUN_ID/step_N or a folder (empty: searcher.model); stage 04 always starts from searcher.model
     retrieved_per_search: int = 8  # X: documents retrieved per <query>
     max_selected: int = 3  # Y: documents that may be selected from one <information> block
     max_turns: int = 3  # Z: search turns, the Z of X-Y-Z; how many generation steps that allows is `turn_budget`
@@ -157,6 +161,7 @@ class TrainConfig:
     wandb_project: str = 's3_nbs'  # wandb project name
     warm_start: bool = False  # supervised format warm-start on scripted demonstrations before RL (a deviation: the paper does none)
     warm_start_questions: int = 96  # training questions used for demonstrations
+    warm_start_pool: str = 'training_set'  # where demonstration questions come from: 'training_set' (the RL questions) or 'rest_of_split' (the training split's other questions: the RL questions stay unseen before RL)
     warm_start_epochs: int = 2  # passes over the demonstrations
     warm_start_lr: float = 5e-5  # warm-start learning rate (AdamW, constant)
     warm_start_batch: int = 8  # demonstrations accumulated per optimizer step
@@ -212,6 +217,7 @@ CHOICES = {
     'searcher.feedback': ('open_query', 'ask_action'),
     'train.algorithm': ('ppo', 'grpo'),
     'train.backend': ('local', 'verl'),
+    'train.warm_start_pool': ('training_set', 'rest_of_split'),
     'train.kl_mode': ('reward', 'loss'),
     'train.kl_estimator': ('kl', 'low_var_kl', 'mse', 'abs'),
     'train.loss_agg_mode': ('token-mean', 'seq-mean-token-sum', 'seq-mean-token-mean', 'seq-mean-token-sum-norm'),
@@ -227,7 +233,7 @@ def _fractions(n): return ((lambda v: len(v) == n and all(0 <= f <= 1 for f in v
 
 RULES = {  # key -> (check, what is allowed); keys without a rule are checked by type only
     'data.max_passages': _at_least(0), 'data.split_fracs': _fractions(3), 'data.max_eval_per_dataset': _at_least(1),
-    'data.n_train': _at_least(0),
+    'data.n_train': _at_least(0), 'data.gainable_topk': _at_least(1), 'data.max_train_questions': _at_least(0),
     'retrieval.naive_topk': _at_least(1), 'retrieval.batch_size': _at_least(1), 'retrieval.max_length': _at_least(1),
     'generator.temperature': _within(0, 2), 'generator.max_tokens': _at_least(1), 'generator.judge_retries': _at_least(0),
     'generator.concurrency': _at_least(1), 'generator.timeout_s': _above(0), 'generator.max_retries': _at_least(0),

@@ -10,7 +10,7 @@ import ast, contextlib, datetime as dt, io, json, os, platform, secrets, shutil,
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 import yaml
 from .config import (ConfigError, config_to_dict, get_value, outputs_dir, parse_assignments, parse_value,
                            project_root, resolve_config, save_config)
@@ -19,7 +19,7 @@ from .config import (ConfigError, config_to_dict, get_value, outputs_dir, parse_
 __all__ = ['RESERVED', 'KEY_PACKAGES', 'StageError', 'StageParam', 'stages_dir', 'read_parameters', 'Stage', 'list_stages',
            'get_stage', 'check_params', 'new_run_id', 'runs_dir', 'check_run_id', 'write_json', 'read_json',
            'record_metrics', 'record_upstream', 'latest_run', 'git_info', 'package_versions', 'RunResult',
-           'format_assignments', 'run_stage', 'run_all', 'start_stage']
+           'format_assignments', 'run_stage', 'run_all', 'start_stage', 'results_text', 'run_summary']
 
 # %% ../nbs/api/90_pipeline.ipynb #0006
 class StageError(ValueError):
@@ -342,3 +342,34 @@ def start_stage(stage: str, config: str = 'smoke', overrides: str = '', run_dir:
     from s3_nbs.config import seed_everything
     seed_everything(cfg.seed)
     return cfg, rd
+
+# %% ../nbs/api/90_pipeline.ipynb #c057a9fc
+def results_text(table: Mapping, metric: str = 'acc') -> str:
+    "An evaluation's `{method: {dataset: {metric: value}}}` (stage 06's `table` metric) as text: a row per method, a column per dataset (avg last), and the generator's context tokens."
+    datasets = sorted({d for per in table.values() for d in per if d != 'avg'}) + ['avg']
+    fmt = lambda x: '-' if x is None else f"{x:.3f}"
+    head = ['method'] + [f"{d} (n)" for d in datasets] + ['context tokens']
+    rows = [head]
+    for method, per in table.items():
+        cells = [f"{fmt((per.get(d) or {}).get(metric))} ({int((per.get(d) or {}).get('n') or 0)})" for d in datasets]
+        tok = (per.get('avg') or {}).get('context_tokens')
+        rows.append([method] + cells + ['-' if tok is None else f"{tok:.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return '\n'.join('  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+def run_summary(results: Sequence[RunResult]) -> str:
+    "What stage runs left, for the end of `s3 run all`: per stage its status, seconds and executed notebook, its plots and checkpoints; an evaluation's results table."
+    lines, tables = [], []
+    for r in results:
+        m = r.manifest
+        lines.append(f"{r.stage}: {m.get('status')} in {m.get('seconds') or 0:.0f} s  {r.notebook}")
+        plots = sorted(r.artifacts.rglob('*.png')) if r.artifacts.is_dir() else []
+        if plots: lines.append(f"    plots: {', '.join(str(p.relative_to(r.run_dir)) for p in plots)}")
+        ck = sorted(p for p in (r.run_dir/'checkpoints').glob('step_*') if p.is_dir())
+        if ck: lines.append(f"    checkpoints: {r.run_dir/'checkpoints'} (last {ck[-1].name})")
+        met = m.get('metrics') or {}
+        if isinstance(met.get('table'), Mapping) and met['table']:
+            tables.append(f"{r.stage} ({met.get('split', '?')} split, generator {met.get('generator', '?')}, "
+                          f"accuracy {met.get('accuracy', 'acc')}):\n{results_text(met['table'])}")
+    total = sum((r.manifest.get('seconds') or 0) for r in results)
+    return '\n'.join(lines + [f"total {total:.0f} s"] + ['', *tables] if tables else lines + [f"total {total:.0f} s"])

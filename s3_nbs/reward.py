@@ -15,14 +15,14 @@ from .config import CHOICES, GeneratorConfig, S3Config
 from .corpus import format_docs
 from .generator import OpenAIChat, TransformersChat, answer_messages, make_generator, run_sync
 from .metrics import (agenacc_batch, ajudge_precision, check_prompt_style, judge_messages, judge_retry_messages,
-                            parse_judge)
+                            parse_judge, span_check)
 from .retrieval import retriever_index_id
 from .store import JsonlStore
 
 # %% auto #0
 __all__ = ['REWARD_MODES', 'ACCURACIES', 'gbr', 'Graded', 'prompt_sha', 'AnswerGrader', 'RagCacheMiss', 'RagCacheMismatch',
            'prompt_templates_sha', 'qa_sha', 'chat_backend', 'rag_build', 'regraded', 'RagBaseline', 'RewardItem',
-           'GBRReward', 'make_grader', 'make_reward', 'trusted_accuracy']
+           'GBRReward', 'make_grader', 'make_reward', 'trusted_accuracy', 'aprobe_gain', 'probe_gain']
 
 # %% ../nbs/api/30_reward.ipynb #0006
 REWARD_MODES = ('gbr', 'gbr_plus_acc')
@@ -387,3 +387,31 @@ def trusted_accuracy(accuracy: str, report: dict | None, min_precision: float = 
         return 'span', (f"the judge is not trusted: its precision {said} is below reward.judge_min_precision "
                         f"{min_precision:g}, so the accuracy falls back from {accuracy} to span")
     return accuracy, f"judge precision {said} >= reward.judge_min_precision {min_precision:g}: {accuracy} is kept"
+
+# %% ../nbs/api/30_reward.ipynb #0d5f60ef
+def _answer_bearing(docs: Sequence[dict], golds: Sequence[str]) -> list[tuple[int, dict]]:
+    "(rank, document) for the documents whose text contains a gold answer (normalised tokens, as the span check reads answers)."
+    return [(r, d) for r, d in enumerate(docs) if span_check(d.get('contents', ''), golds)]
+
+async def aprobe_gain(questions: Sequence, retriever, grader: AnswerGrader, topk: int = 5) -> list[dict]:
+    "Per question (`QAExample`s): the generator's accuracy from each answer-bearing top-`topk` document alone and from none; `gainable` when one alone is right and none is wrong."
+    if topk < 1: raise ValueError(f"topk must be >= 1, got {topk}")
+    if not questions: return []
+    hits = await _maybe_await(retriever.batch_search([q.question for q in questions], topk))
+    asks, rows = [], []
+    for q, h in zip(questions, hits):
+        cands = _answer_bearing(_docs_of(h), q.golden_answers)
+        rows.append({'id': q.id, 'question': q.question, 'candidates': [{'rank': r, 'doc_id': str(d.get('id'))} for r, d in cands]})
+        if cands: asks += [(len(rows) - 1, None, q, '')] + [(len(rows) - 1, j, q, format_docs([d])) for j, (_, d) in enumerate(cands)]
+    graded = await grader.agrade([a[2].question for a in asks], [a[2].golden_answers for a in asks], [a[3] for a in asks])
+    for (i, j, _, _), g in zip(asks, graded):
+        if j is None: rows[i]['acc_none'] = g.acc
+        else: rows[i]['candidates'][j]['acc'] = g.acc
+    for r in rows:
+        r.setdefault('acc_none', None)
+        r['gainable'] = bool(r['candidates']) and r['acc_none'] == 0 and any(c['acc'] > 0 for c in r['candidates'])
+    return rows
+
+def probe_gain(questions, retriever, grader, topk: int = 5) -> list[dict]:
+    "Synchronous `aprobe_gain` (also inside Jupyter)."
+    return run_sync(aprobe_gain(questions, retriever, grader, topk))

@@ -21,7 +21,8 @@ from .searcher import SearchResult
 # %% auto #0
 __all__ = ['verl_algos', 'DataCursor', 'trim_batch', 'response_logprobs', 'ValueModel', 'token_scores', 'kl_in_reward',
            'advantages', 'gbr_reward_fn', 'use_bf16', 'rollout_record', 'Trainer', 'check_same_architecture',
-           'TrainingInputs', 'training_inputs', 'resolve_searcher']
+           'TrainingInputs', 'training_inputs', 'resolve_searcher', 'demonstration_questions', 'training_key',
+           'finished_training_run', 'adopt_training_run']
 
 # %% ../nbs/api/50_trainer.ipynb #30b7d432
 _log = get_logger('s3_nbs.trainer')
@@ -574,3 +575,52 @@ def resolve_searcher(spec: str, runs=None) -> str:
         if not done: raise ValueError(f"training run {p} has no complete checkpoint yet (looked in {p/'checkpoints'})")
         return str(done[-1]/'actor')
     return str(spec)
+
+# %% ../nbs/api/50_trainer.ipynb #90897b24
+def demonstration_questions(cfg: S3Config, train: Sequence, training_set_run=None) -> list:
+    "At most `train.warm_start_questions` questions for the warm-start: the training set's, or the rest of its split (`train.warm_start_pool`)."
+    from s3_nbs.data import read_qa_jsonl
+    from s3_nbs.pipeline import read_json
+    n = cfg.train.warm_start_questions
+    if cfg.train.warm_start_pool == 'training_set': return list(train)[:n]
+    src = read_json(Path(training_set_run)/'metrics.json', {}).get('questions_source') if training_set_run else None
+    if not src or not Path(src).is_file():
+        raise ValueError(f"train.warm_start_pool 'rest_of_split' needs the question file stage 03b read (questions_source in "
+                         f"{training_set_run}/metrics.json), got {src!r}; use warm_start_pool 'training_set' instead")
+    ids = {q.id for q in train}
+    rest = [q for q in read_qa_jsonl(src) if q.id not in ids]
+    if not rest: raise ValueError(f"train.warm_start_pool 'rest_of_split': every question of {src} is in the training set")
+    return rest[:n]
+
+# %% ../nbs/api/50_trainer.ipynb #3c0a28b2
+def training_key(cfg: S3Config, train: Sequence, rag_cache=None, index_id: str | None = None, init_model: str | None = None) -> str:
+    "Content address of a training run: config (not its name, `eval`, `baselines`, `searcher.checkpoint`), training questions, naive-RAG cache, index, start model."
+    import hashlib
+    conf = {k: v for k, v in config_to_dict(cfg).items() if k not in ('name', 'eval', 'baselines')}
+    conf['searcher'] = {k: v for k, v in conf.get('searcher', {}).items() if k != 'checkpoint'}
+    qs = [q.to_dict() if hasattr(q, 'to_dict') else dict(q) for q in train]
+    cache = Path(rag_cache).name if rag_cache else None  # its name is the content address of how it was built
+    blob = json.dumps([conf, qs, cache, index_id, init_model], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+def finished_training_run(key: str, runs=None, exclude=None) -> Path | None:
+    "The newest `04_train` run whose metrics carry `inputs_key == key`, finished ok, with a complete checkpoint (None if none)."
+    from s3_nbs.pipeline import read_json, runs_dir
+    runs = Path(runs) if runs else runs_dir('04_train')
+    cands = sorted((p for p in runs.iterdir() if p.is_dir() and not p.is_symlink()), key=lambda p: p.stat().st_mtime, reverse=True) if runs.is_dir() else []
+    for p in cands:
+        if exclude and p.resolve() == Path(exclude).resolve(): continue
+        if read_json(p/'metrics.json', {}).get('inputs_key') != key or read_json(p/'manifest.json', {}).get('status') != 'ok': continue
+        if any((c/'COMPLETE').is_file() for c in (p/'checkpoints').glob('step_*')): return p
+    return None
+
+def adopt_training_run(src, dst) -> list[str]:
+    "Hard-link `src`'s checkpoints (and warm-start model) into `dst` and copy its step logs and warm-start record; what was taken."
+    src, dst = Path(src), Path(dst)
+    link = lambda a, b: shutil.copytree(a, b, copy_function=os.link, dirs_exist_ok=True)
+    taken = []
+    for rel in ('checkpoints', 'artifacts/warm_start'):
+        if (src/rel).is_dir(): link(src/rel, dst/rel); taken.append(rel)
+    for rel in ('metrics.jsonl', 'rollouts.jsonl', 'artifacts/warm_start.json'):
+        if (src/rel).is_file(): (dst/rel).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(src/rel, dst/rel); taken.append(rel)
+    return taken

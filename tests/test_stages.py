@@ -180,3 +180,12 @@ def test_train_stage(outputs):
     man5 = json.loads((latest(outputs, '05_search')/'manifest.json').read_text())
     assert man5['metrics']['searcher'] == str(run_dir/'checkpoints'/'step_000003'/'actor')
     assert man5['upstream']['04_train'] == str(run_dir)
+    # the same config and inputs again: the finished run is taken over (checkpoints hard-linked), not trained again
+    r = s3(outputs, *[a if a != 'steps=2' else 'steps=3' for a in args], timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = latest(outputs, '04_train')
+    m2 = json.loads((again/'manifest.json').read_text())['metrics']
+    assert again != run_dir and m2['reused_from'] == str(run_dir) and m2['inputs_key'] == man['metrics']['inputs_key']
+    assert m2['steps'] == 3 and [json.loads(l)['step'] for l in (again/'metrics.jsonl').read_text().splitlines()] == [1, 2, 3]
+    w = next((run_dir/'checkpoints'/'step_000003'/'actor').glob('*.safetensors'))
+    assert (again/'checkpoints'/'step_000003'/'actor'/w.name).is_file() and m2['seconds'] < m['seconds']
