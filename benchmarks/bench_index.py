@@ -4,9 +4,9 @@ means for wiki-18 (21,015,324 passages) with e5-base (768 dims; Flat fp32 = 768 
 
 Target (from the issue): an option at <= 1/8 of Flat's memory whose top 8 holds >= 0.90 of Flat's top 8.
 
-Quality is measured on real MiniLM embeddings (`s3_nbs.index.Encoder('all-minilm-l6-v2')`, 384 dims) of the demo
+Quality is measured on real MiniLM embeddings (`s3_nbs.encoder.Encoder('all-minilm-l6-v2')`, 384 dims) of the demo
 corpus (`s3_nbs.demo.build_demo_set`), with queries = the demo dev+test questions plus "What is <title>?" for a
-sample of titles, via `s3_nbs.index.compare_index_types` (recall = mean over queries of |top8 ∩ Flat's top8| / 8).
+sample of titles, via `s3_nbs.faiss_index.compare_index_types` (recall = mean over queries of |top8 ∩ Flat's top8| / 8).
 Sizes at wiki-18 scale are not guessed from the 384-dim demo: each index is also built (same library call, same
 settings scaled to the dimension) on synthetic 768-dim vectors, its bytes per added passage measured, and the
 wiki-18 size = that x 21,015,324 + its fixed part (codebooks, OPQ matrix, IVF centroids at wiki-18's nlist).
@@ -14,9 +14,10 @@ wiki-18 size = that x 21,015,324 + its fixed part (codebooks, OPQ matrix, IVF ce
     .venv/bin/python benchmarks/bench_index.py                 # 2,000 passages, all variants (~2 min on 2 CPU cores, most of it embedding)
     .venv/bin/python benchmarks/bench_index.py --quick         # 500 passages, the six library types (~40 s)
     .venv/bin/python benchmarks/bench_index.py --cache DIR     # keep/reuse the demo set and embeddings in DIR
+    .venv/bin/python benchmarks/bench_index.py --quick --json benchmarks/results/bench_index/quick.json  # the committed figures (nbs/tutorials/verl_on_ray)
 """
 from __future__ import annotations
-import argparse, os, platform, random, re, shutil, sys, tempfile, time
+import argparse, datetime, json, os, platform, random, re, shutil, sys, tempfile, time
 from pathlib import Path
 
 for k, v in dict(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false').items():
@@ -31,7 +32,7 @@ TOLERANCE = 1.001  # 'at most 1/8' allows 0.1% of fixed parts (SQ4's trained ran
 def variants(d: int, n: int, full: bool = True) -> list[tuple[str, str, dict]]:
     """(label, index_type, params) for dimension `d` and `n` passages; PQ sizes scale with `d` (m = d/4 or d/2 bytes),
     so the same label means the same layout at 384 and at 768 dims."""
-    from s3_nbs.index import faiss_index_params
+    from s3_nbs.faiss_index import faiss_index_params
     ivf = faiss_index_params('ivfpq', d, n)
     nl = ivf['nlist']
     v = [('flat', 'flat', {}), ('hnsw M32', 'hnsw', {}), ('sq_fp16', 'sq_fp16', {}), ('sq8', 'sq8', {}),
@@ -62,7 +63,7 @@ def size_at_scale(label: str, index_type: str, params: dict, d: int, n_syn: int,
     """Build the index on `n_syn` synthetic unit vectors of dimension `d`, add `n_syn` more, and return the bytes per
     added passage, the fixed bytes, and the size at `n_target` passages (IVF centroids counted at its nlist)."""
     import numpy as np
-    from s3_nbs.index import build_faiss_index, faiss_index_params, index_bytes
+    from s3_nbs.faiss_index import build_faiss_index, faiss_index_params, index_bytes
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2 * n_syn, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument('--faiss-threads', type=int, default=1,
                     help='OpenMP threads for FAISS (default 1: stable timings, and PQ training does not stall on a busy machine)')
     ap.add_argument('--encoder', default='all-minilm-l6-v2', help='encoder for the demo embeddings (default all-minilm-l6-v2)')
+    ap.add_argument('--json', default=None, help='also write the figures, the machine and the command to this JSON file')
     a = ap.parse_args(argv)
     n_passages = a.passages if a.passages is not None else (500 if a.quick else 2000)
     n_queries = a.queries or (200 if a.quick else 400)
@@ -97,12 +99,19 @@ def main(argv=None) -> int:
     import faiss, numpy as np, torch, transformers
     from s3_nbs.demo import build_demo_set
     from s3_nbs.corpus import read_corpus
-    from s3_nbs.index import Encoder, compare_index_types, encode_to_npy
+    from s3_nbs.encoder import Encoder
+    from s3_nbs.faiss_index import compare_index_types
+    from s3_nbs.index import encode_to_npy
     transformers.utils.logging.disable_progress_bar()
     faiss.omp_set_num_threads(a.faiss_threads)
     machine = (f"{platform.node()} | {platform.platform()} | {platform.processor() or platform.machine()} | "
                f"{os.cpu_count()} CPU cores | faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads) | "
                f"torch {torch.__version__} ({torch.get_num_threads()} threads) | python {platform.python_version()}")
+    cpu = next((ln.split(':', 1)[1].strip() for ln in open('/proc/cpuinfo') if ln.startswith('model name')), platform.processor()) \
+        if os.path.exists('/proc/cpuinfo') else platform.processor()
+    host = dict(date=datetime.date.today().isoformat(), node=platform.node(), platform=platform.platform(), cpu=cpu,
+                cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__, faiss=faiss.__version__,
+                faiss_threads=faiss.omp_get_max_threads(), load_before=os.getloadavg())
     print(f"machine: {machine}; load average (1 min) {os.getloadavg()[0]:.1f}\n"
           f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
 
@@ -176,6 +185,23 @@ def main(argv=None) -> int:
               f"nprobe=all (every list) isolates the PQ error and is not a setting to serve 21M passages with; "
               f"Exhaustive PQ and SQ scan all {WIKI18_PASSAGES:,} codes per query. Demo search ms/query does not extrapolate. "
               f"Confirm on an e5-base sample of >= 1M wiki-18 passages before choosing.")
+        if a.json:  # every figure of the table above, with the machine and the command
+            host['load_after'] = os.getloadavg()
+            out = dict(host=host, machine=machine, command=' '.join([Path(sys.executable).name, *sys.argv]), argv=sys.argv,
+                       passages=n, queries=len(queries), dev_test_questions=n_q, encoder=enc.spec.name, dim=d, topk=TOPK,
+                       wiki18_passages=WIKI18_PASSAGES, e5_base_dim=E5_BASE_DIM, synthetic_vectors=n_syn,
+                       target=dict(memory_vs_flat=TARGET_MEMORY, recall=TARGET_RECALL), flat_wiki18_bytes=flat_wiki,
+                       rows=[dict(label=r['label'], shown=r['shown'], factory=r['factory'], recall_vs_flat=r['recall_vs_flat'],
+                                  demo_bytes_per_passage=r['bytes_per_passage'], demo_memory_vs_flat=r['memory_vs_flat'],
+                                  build_s=r['build_s'], search_ms_per_query=r['search_ms_per_query'],
+                                  e5_factory=sizes[r['label']]['factory'], e5_bytes_per_passage=sizes[r['label']]['bytes_per_passage'],
+                                  e5_fixed_bytes=sizes[r['label']]['fixed_bytes'], wiki18_bytes=sizes[r['label']]['total_bytes'],
+                                  wiki18_vs_flat=sizes[r['label']]['total_bytes'] / flat_wiki,
+                                  target_met=any(m[0] is r for m in met)) for r in rows],
+                       wall_s=time.time() - t_start)
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(out, indent=1, default=float))
+            print(f"wrote {a.json}")
         print(f"\ntotal run time {time.time() - t_start:.0f} s; load average (1 min) at the end {os.getloadavg()[0]:.1f} on "
               f"{os.cpu_count()} cores (search ms/query and build times are sensitive to it; recall and sizes are not)")
         return 0
@@ -186,13 +212,13 @@ def main(argv=None) -> int:
 def probe_note(index_type: str, params: dict, d: int, n: int) -> str:
     "' [nprobe/nlist lists]' for IVF-PQ (what the library's defaults give at this size), '' otherwise."
     if index_type != 'ivfpq': return ''
-    from s3_nbs.index import faiss_index_params
+    from s3_nbs.faiss_index import faiss_index_params
     p = faiss_index_params('ivfpq', d, n, **params)
     return f" [{p['nprobe']}/{p['nlist']} lists]"
 
 
 def faiss_nlist(d: int, n: int) -> int:
-    from s3_nbs.index import faiss_index_params
+    from s3_nbs.faiss_index import faiss_index_params
     return faiss_index_params('ivfpq', d, n)['nlist']
 
 

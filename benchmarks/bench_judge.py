@@ -28,7 +28,8 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 from s3_nbs.config import cache_dir, load_config, outputs_dir
 from s3_nbs.corpus import format_docs
 from s3_nbs.data import read_qa_jsonl
-from s3_nbs.generator import CachedChat, TransformersChat
+from s3_nbs.chat_cache import CachedChat
+from s3_nbs.generator import TransformersChat
 from s3_nbs.index import load_retriever
 from s3_nbs.pipeline import latest_run, read_json
 from s3_nbs.reward import AnswerGrader

@@ -12,15 +12,18 @@ not used for timing).
 Measures throughput (queries/s) and p50/p99 latency of requests of `--batch` queries (120, s3's training batch) at
 `--topk` 8, for dense (MiniLM, FAISS Flat) and BM25 (bm25s), with 1 and 16 concurrent clients, on the demo corpus
 (a `--passages` subset). Each server runs in its own process; the clients run in this one. Every query of a
-measurement is distinct (the result cache never hits), and ours and the baseline are measured alternately, round
-by round, on the same queries, so load from other processes on the machine hits both alike. Prints one table and
-the ratios from this one run.
+measurement is distinct (the result cache never hits; on a small corpus the passage spans that serve as queries
+start closer together, and a run that still runs out of distinct queries says so), and ours and the baseline are
+measured alternately, round by round, on the same queries, so load from other processes on the machine hits both
+alike. Prints one table and the ratios from this one run; `--json` also writes them, with the machine and the
+command.
 
     .venv/bin/python benchmarks/bench_retrieval.py            # 2,000 passages, 4 rounds (~10 min on 2 CPU cores)
     .venv/bin/python benchmarks/bench_retrieval.py --quick    # 500 passages, 2 rounds (~3 min)
+    .venv/bin/python benchmarks/bench_retrieval.py --quick --json benchmarks/results/bench_retrieval/quick.json  # the committed figures (nbs/api/11_server)
 """
 from __future__ import annotations
-import argparse, json, os, platform, random, re, socket, subprocess, sys, threading, time
+import argparse, datetime, json, os, platform, random, re, socket, subprocess, sys, threading, time
 from pathlib import Path
 
 for k, v in dict(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1', TOKENIZERS_PARALLELISM='false').items():
@@ -130,13 +133,26 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))]
 
 
+def host() -> dict:
+    "The machine's details for the JSON file: CPU model and cores, platform, python/torch versions, date, load."
+    import torch
+    from s3_nbs.models import cpu_has_fast_bf16
+    cpu = next((ln.split(':', 1)[1].strip() for ln in open('/proc/cpuinfo') if ln.startswith('model name')), platform.processor()) \
+        if os.path.exists('/proc/cpuinfo') else platform.processor()
+    return dict(date=datetime.date.today().isoformat(), node=platform.node(), platform=platform.platform(), cpu=cpu,
+                cpus=os.cpu_count(), fast_bf16=cpu_has_fast_bf16(), python=platform.python_version(), torch=torch.__version__,
+                torch_threads=torch.get_num_threads(), load_before=os.getloadavg())
+
+
 # ---------------------------------------------------------------------------------------------------- data
-def prepare(n_passages: int) -> tuple[dict, list[str]]:
-    "The demo corpus subset, its dense (MiniLM, Flat) and BM25 (bm25s) indexes (cached), and a pool of distinct queries."
+def prepare(n_passages: int, need: int = 0) -> tuple[dict, list[str]]:
+    """The demo corpus subset, its dense (MiniLM, Flat) and BM25 (bm25s) indexes (cached), and a pool of distinct
+    queries, at least `need` where the passages allow (spans start closer together on a small corpus)."""
     from s3_nbs.config import cache_dir
     from s3_nbs.data import read_qa_jsonl
     from s3_nbs.demo import build_demo_set
-    from s3_nbs.index import build_bm25_index, build_dense_index
+    from s3_nbs.bm25 import build_bm25_index
+    from s3_nbs.index import build_dense_index
     from s3_nbs.corpus import read_corpus, split_contents
     d = cache_dir('bench', f'retrieval-{n_passages or "all"}')
     build_demo_set(d/'demo', max_passages=n_passages or None)
@@ -146,13 +162,15 @@ def prepare(n_passages: int) -> tuple[dict, list[str]]:
            'bm25': build_bm25_index(corpus, d/'bm25', backend='bm25s', show_progress=False)}
     print(f"indexes ready in {time.time() - t0:.0f} s: {d}", flush=True)
     # distinct, question-like queries: the demo questions, then 5-14-word spans of the passages
-    qs = [e.question for s in ('train', 'dev', 'test') for e in read_qa_jsonl(d/'demo'/f'{s}.jsonl')]
-    rng = random.Random(0)
-    for rec in read_corpus(corpus):
-        words = re.findall(r"[\w'-]+", split_contents(rec['contents'])[1])
-        for start in range(0, max(1, len(words) - 5), 9):
-            qs.append(' '.join(words[start:start + rng.randint(5, 14)]))
-    qs = list(dict.fromkeys(q for q in qs if q.strip()))
+    questions = [e.question for s in ('train', 'dev', 'test') for e in read_qa_jsonl(d/'demo'/f'{s}.jsonl')]
+    texts = [re.findall(r"[\w'-]+", split_contents(rec['contents'])[1]) for rec in read_corpus(corpus)]
+    for stride in (9, 7, 5, 3, 2, 1):
+        rng, qs = random.Random(0), list(questions)
+        for words in texts:
+            for start in range(0, max(1, len(words) - 5), stride):
+                qs.append(' '.join(words[start:start + rng.randint(5, 14)]))
+        qs = list(dict.fromkeys(q for q in qs if q.strip()))
+        if len(qs) >= need: break
     rng.shuffle(qs)
     return idx, qs
 
@@ -177,21 +195,26 @@ def main(argv=None) -> int:
 
     n_passages = a.passages if a.passages is not None else (500 if a.quick else 2000)
     rounds = a.rounds or (2 if a.quick else 4)
-    idx, pool = prepare(n_passages)
+    n_req = lambda nc: a.requests or (2 if a.quick and nc > 1 else 6 if nc == 1 else 2)
+    need = len(a.retrievers) * a.batch * (6 + 4 + rounds * sum(n_req(nc) * nc for nc in a.clients))  # warm-up, agreement, timing
+    idx, pool = prepare(n_passages, need)
     import torch
     machine = (f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPU cores | "
                f"torch {torch.__version__} ({torch.get_num_threads()} threads) | python {platform.python_version()}")
+    info = host()
     print(f"machine: {machine}; load average (1 min) {os.getloadavg()[0]:.1f}\ncommand: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
           f"corpus: {n_passages or 'all'} demo passages; requests of {a.batch} distinct queries, topk {a.topk}; "
-          f"{rounds} alternating round(s); query pool {len(pool):,}", flush=True)
+          f"{rounds} alternating round(s); query pool {len(pool):,} for {need:,} queries", flush=True)
 
-    rows, agree, off = [], {}, 0
+    rows, agree, off, wrapped = [], {}, 0, False
     def take(n_req):
-        nonlocal off
-        need = n_req * a.batch
-        if off + need > len(pool): off = 0  # only reached with huge settings: queries may then repeat across settings
+        nonlocal off, wrapped
+        k = n_req * a.batch
+        if off + k > len(pool):  # the corpus is too small for this many distinct queries: our result cache may then hit
+            off, wrapped = 0, True
+            print("  WARNING: query pool exhausted, queries repeat from here (ours may answer them from its cache)", flush=True)
         b = [pool[off + i * a.batch: off + (i + 1) * a.batch] for i in range(n_req)]
-        off += need
+        off += k
         return b
 
     for name in a.retrievers:
@@ -202,10 +225,9 @@ def main(argv=None) -> int:
             for s in servers.values():  # warm-up (the same full-size requests for both), not timed
                 run_clients(s.url, warm[:4], 1, a.topk); run_clients(s.url, warm[4:], 2, a.topk)
             for nc in a.clients:
-                n_req = a.requests or (2 if a.quick and nc > 1 else 6 if nc == 1 else 2)
                 acc = {k: dict(wall_s=0.0, latencies=[], errors=[], queries=0, cpu_s=0.0) for k in servers}
                 for r in range(rounds):
-                    batches = take(n_req * nc)
+                    batches = take(n_req(nc) * nc)
                     order = ('ours', 'baseline') if r % 2 == 0 else ('baseline', 'ours')
                     for k in order:
                         c0 = servers[k].cpu_s()
@@ -248,9 +270,15 @@ def main(argv=None) -> int:
     for name, nc, t in targets:
         s = next((x for x in summary if x['retriever'] == name and x['clients'] == nc), None)
         if s: print(f"target {name} x{t:g} with {nc} client(s): {s['throughput_x']:.2f}x -> {'met' if s['throughput_x'] >= t else 'NOT met'}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(dict(machine=machine, argv=sys.argv, passages=n_passages, rounds=rounds,
-                                                batch=a.batch, topk=a.topk, rows=rows, summary=summary, agreement=agree), indent=1))
+    if a.json:  # everything the table and the ratios above show, with the machine and the command
+        info['load_after'] = os.getloadavg()
+        cmd = ' '.join([Path(sys.executable).name, *sys.argv])
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(dict(host=info, machine=machine, command=cmd, argv=sys.argv, passages=n_passages,
+                                                rounds=rounds, batch=a.batch, topk=a.topk, encoder='all-minilm-l6-v2',
+                                                query_pool=len(pool), queries_needed=need, queries_repeated=wrapped,
+                                                ours_bf16=info['fast_bf16'], rows=rows, summary=summary, agreement=agree), indent=1))
+        print(f"wrote {a.json}")
     return 0 if all(s['errors'] == 0 for s in summary) else 1
 
 

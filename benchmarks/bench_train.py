@@ -17,7 +17,7 @@ from pathlib import Path
 
 from s3_nbs.config import load_config, override_config, parse_assignments
 from s3_nbs.corpus import format_docs
-from s3_nbs.generator import VLLMServer, free_port
+from s3_nbs.generator_server import VLLMServer, free_port
 from s3_nbs.reward import make_grader, make_reward
 from s3_nbs.trainer import Trainer, gbr_reward_fn, training_inputs
 

@@ -42,7 +42,8 @@ def check_train(model: str, steps: int, work: Path) -> dict:
     from s3_nbs.config import load_config, override_config
     from s3_nbs.corpus import write_corpus
     from s3_nbs.data import QAExample
-    from s3_nbs.index import build_bm25_index, load_retriever
+    from s3_nbs.bm25 import build_bm25_index
+    from s3_nbs.index import load_retriever
     from s3_nbs.retrieval import InProcessRetriever
     from s3_nbs.reward import make_reward
     from s3_nbs.trainer import Trainer, gbr_reward_fn
@@ -70,7 +71,7 @@ def check_train(model: str, steps: int, work: Path) -> dict:
 def check_faiss(n: int = 50_000, d: int = 768, nq: int = 64) -> dict:
     "Flat and IVF-PQ built on the GPUs (sharded, fp16) vs the same on the CPU: top-8 overlap and seconds."
     import numpy as np
-    from s3_nbs.index import build_faiss_index, faiss_gpus, index_bytes
+    from s3_nbs.faiss_index import build_faiss_index, faiss_gpus, index_bytes
     g = faiss_gpus()
     if g == 0: return {'ok': None, 'skipped': 'faiss has no GPUs (faiss-cpu installed, or no visible GPU): pip install faiss-gpu-cu12'}
     rng = np.random.default_rng(0)
@@ -94,7 +95,7 @@ def check_faiss(n: int = 50_000, d: int = 768, nq: int = 64) -> dict:
 def check_encoder() -> dict:
     "The dense encoder (MiniLM, the demo's) on CUDA gives the CPU's embeddings (cosine >= 0.999)."
     import numpy as np
-    from s3_nbs.index import Encoder
+    from s3_nbs.encoder import Encoder
     texts = [b for _, b in PASSAGES]
     try: cpu = Encoder('all-minilm-l6-v2', device='cpu').encode_passages(texts)
     except Exception as e: return {'ok': None, 'skipped': f"encoder unavailable ({type(e).__name__}: {e})"}

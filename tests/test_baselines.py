@@ -14,7 +14,8 @@ from s3_nbs.baselines import BASELINES, run_baseline, summarize_records
 from s3_nbs.config import load_config, override_config
 from s3_nbs.corpus import format_docs, write_corpus
 from s3_nbs.data import QAExample, read_qa_jsonl
-from s3_nbs.index import build_bm25_index, build_dense_index, load_retriever
+from s3_nbs.bm25 import build_bm25_index
+from s3_nbs.index import build_dense_index, load_retriever
 from s3_nbs.pipeline import latest_run
 from s3_nbs.searcher import doc_key
 

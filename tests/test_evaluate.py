@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # SmolLM2 generations on 2 CPU cores: a minute or
 def demo(tmp_path_factory):
     "Demo data (300 passages) and its BM25 index, built in a temporary folder, laid out as stage-1 and stage-2 runs."
     from s3_nbs.demo import build_demo_set
-    from s3_nbs.index import build_bm25_index
+    from s3_nbs.bm25 import build_bm25_index
     d = tmp_path_factory.mktemp('demo')
     data = d/'runs'/'01'/'artifacts'/'data'
     build_demo_set(data, max_passages=300)

@@ -7,7 +7,9 @@ import json, os, signal, subprocess, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 import pytest
-from s3_nbs.generator import CachedChat, GeneratorError, OpenAIChat, free_port
+from s3_nbs.chat_cache import CachedChat
+from s3_nbs.generator import GeneratorError, OpenAIChat
+from s3_nbs.generator_server import free_port
 
 FAST = dict(backoff_s=0.01, max_backoff_s=0.05)  # keep retries quick
 
@@ -206,7 +208,8 @@ def test_partial_failure_keeps_successes_in_cache(server, tmp_path):
 
 WRITER = r"""
 import sys
-from s3_nbs.generator import CachedChat, OpenAIChat
+from s3_nbs.chat_cache import CachedChat
+from s3_nbs.generator import OpenAIChat
 url, path = sys.argv[1], sys.argv[2]
 c = CachedChat(OpenAIChat(url, 'm', concurrency=4, backoff_s=0.01), path)
 i = 0

@@ -40,7 +40,7 @@ def latest_metrics(outputs, stage='03_rag_cache'):
 def runs(tmp_path):
     "A stage-1 run folder with a train split and a stage-2 run folder whose metrics point at a real BM25 index."
     from s3_nbs.corpus import make_contents, write_corpus
-    from s3_nbs.index import build_bm25_index
+    from s3_nbs.bm25 import build_bm25_index
     data = tmp_path/'run01'/'artifacts'/'data'
     data.mkdir(parents=True)
     (data/'train.jsonl').write_text(''.join(json.dumps({'id': i, 'question': q, 'golden_answers': g, 'dataset': 'demo'}) + '\n'

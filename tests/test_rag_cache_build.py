@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from s3_nbs.corpus import make_contents, write_corpus
-from s3_nbs.index import build_bm25_index, load_retriever, read_manifest
+from s3_nbs.bm25 import build_bm25_index
+from s3_nbs.index import load_retriever
+from s3_nbs.index_folder import read_manifest
 from s3_nbs.metrics import is_judge_request
 from s3_nbs.retrieval import RetrievalClient, manifest_id
 from s3_nbs.reward import AnswerGrader, GBRReward, RagBaseline, RagCacheMismatch, RewardItem, prompt_templates_sha

@@ -40,7 +40,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> d
 def indexes(tmp_path_factory):
     "A 200-passage wiki-18 style corpus with a bm25s and a dense (MiniLM, Flat) index."
     from s3_nbs.corpus import write_corpus
-    from s3_nbs.index import build_bm25_index, build_dense_index
+    from s3_nbs.bm25 import build_bm25_index
+    from s3_nbs.index import build_dense_index
     d = tmp_path_factory.mktemp('retrieval')
     recs = [{'id': str(i), 'title': f'{ANIMALS[i % 12].title()} of {CITIES[i % 13]}',
              'text': f'The {ANIMALS[i % 12]} colony of {CITIES[i % 13]} was counted in survey {i}; '
@@ -93,7 +94,7 @@ def test_health(server):
 @pytest.mark.service
 def test_index_ids_come_from_the_manifests(server, indexes, local):
     "`/health` reports each retriever's index id (its manifest's hash): what a client reads, the same as in process, not the URL."
-    from s3_nbs.index import read_manifest
+    from s3_nbs.index_folder import read_manifest
     from s3_nbs.retrieval import RetrievalClient, manifest_id, retriever_index_id
     h = server['health']
     for name in ('dense', 'bm25'):

