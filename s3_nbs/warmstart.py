@@ -109,7 +109,7 @@ def warm_start(model, demos: Sequence[SearchResult], pad_id: int, epochs: int = 
             for k in range(0, len(part), micro):
                 with _autocast(str(dev), bf16):
                     nll, _ = demo_nll(model, part[k:k + micro], pad_id)
-                (nll / max(1, n_tok)).backward(); total += float(nll)
+                (nll / max(1, n_tok)).backward(); total += float(nll.detach())
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
             opt.step(); opt.zero_grad(set_to_none=True)
             out.append(dict(step=len(out) + 1, epoch=ep, loss=total / max(1, n_tok), tokens=int(n_tok), grad_norm=norm,
