@@ -83,7 +83,7 @@ def searcher_source(man: Mapping) -> tuple[dict, dict]:
     the evaluation read (its upstream `05_search`), else the evaluation itself (it ran the searcher, `s3_searcher`)."""
     up = (man.get('upstream') or {}).get('05_search')
     src = read_json(Path(up)/'manifest.json', {}) if up else {}
-    if src: return (src.get('config') or {}).get('searcher', {}), src
+    if src: return (src.get('config') or {}).get('searcher', {}), {**src, 'run_dir': str(up)}
     return (man.get('config') or {}).get('searcher', {}), man
 
 def run_label(man: Mapping) -> dict:
