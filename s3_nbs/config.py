@@ -14,11 +14,12 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 # %% auto #0
-__all__ = ['CHOICES', 'RULES', 'CROSS_RULES', 'project_root', 'outputs_dir', 'cache_dir', 'configs_dir', 'DataConfig',
-           'RetrievalConfig', 'GeneratorConfig', 'SearcherConfig', 'RewardConfig', 'TrainConfig', 'BaselinesConfig',
-           'EvalConfig', 'S3Config', 'ConfigError', 'validate_config', 'config_from_dict', 'config_to_dict',
-           'get_value', 'config_keys', 'parse_value', 'parse_assignments', 'override_config', 'find_config_file',
-           'load_yaml', 'load_config', 'resolve_config', 'save_config', 'seed_everything', 'get_logger']
+__all__ = ['CHOICES', 'RULES', 'CROSS_RULES', 'KEY_NEUTRAL', 'project_root', 'outputs_dir', 'cache_dir', 'configs_dir',
+           'DataConfig', 'RetrievalConfig', 'GeneratorConfig', 'SearcherConfig', 'RewardConfig', 'TrainConfig',
+           'BaselinesConfig', 'EvalConfig', 'S3Config', 'ConfigError', 'validate_config', 'config_from_dict',
+           'config_to_dict', 'get_value', 'config_keys', 'key_dict', 'parse_value', 'parse_assignments',
+           'override_config', 'find_config_file', 'load_yaml', 'load_config', 'resolve_config', 'save_config',
+           'seed_everything', 'get_logger']
 
 # %% ../nbs/api/00_config.ipynb #0006
 def _is_project_root(d: Path) -> bool:
@@ -109,6 +110,7 @@ class SearcherConfig:
     turn_budget: str = 'original'  # original: Z+1 steps that may search, then one final step that may not (<= Z+2 steps) | strict: Z steps that may search, then the final step
     initial_topk: int = 3  # documents of the begin-with-search step (D0)
     begin_with_search: bool = True  # put D0 in the first prompt (paper ablation: removing it hurts)
+    selection: bool = True  # the searcher selects up to Y documents of each search (<important_info>) and D_s3 = D0 + its selections | false: the paper's 'without selection' ablation: the prompt asks for no selection, a selection written anyway is ignored, and D_s3 = D0 + every document of every search (de-duplicated, in order)
     max_obs_tokens: int = 1400  # cap on each <information> observation
     max_step_tokens: int = 500  # cap on each generation step
     max_context_tokens: int = 8000  # cap on the whole rolling context
@@ -364,6 +366,22 @@ def get_value(cfg, key: str):
 def config_keys(cls=None, prefix: str = '') -> list[str]:
     "All dotted leaf keys of a config class (default `S3Config`)."
     return list(_leaf_types(cls, prefix))
+
+# %% ../nbs/api/00_config.ipynb #b3d9f6a1
+KEY_NEUTRAL = {'searcher.selection': True}  # fields added after runs were first content-addressed: the value those runs had
+
+def key_dict(cfg, section: str = '') -> dict:
+    """`config_to_dict(cfg)` as content addresses hash it: the fields of `KEY_NEUTRAL` at their listed value are left out.
+    `section`: the dotted key of `cfg` when it is a part of the config (`'searcher'` for a `SearcherConfig`)."""
+    d = config_to_dict(cfg)
+    pre = section.split('.') if section else []
+    for key, value in KEY_NEUTRAL.items():
+        parts = key.split('.')
+        if parts[:len(pre)] != pre: continue
+        node = d
+        for p in parts[len(pre):-1]: node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and parts[-1] in node and node[parts[-1]] == value: del node[parts[-1]]
+    return d
 
 # %% ../nbs/api/00_config.ipynb #0017
 def parse_value(text: str):

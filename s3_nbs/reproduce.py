@@ -83,11 +83,12 @@ def searcher_source(man: Mapping) -> tuple[dict, dict]:
     the evaluation read (its upstream `05_search`), else the evaluation itself (it ran the searcher, `s3_searcher`)."""
     up = (man.get('upstream') or {}).get('05_search')
     src = read_json(Path(up)/'manifest.json', {}) if up else {}
-    if src: return (src.get('config') or {}).get('searcher', {}), src
+    if src: return (src.get('config') or {}).get('searcher', {}), {**src, 'run_dir': str(up)}
     return (man.get('config') or {}).get('searcher', {}), man
 
 def run_label(man: Mapping) -> dict:
-    "What a run used: frozen generator, data, and the searcher behind s3's contexts (model, X-Y-Z, begin-with-search)."
+    """What a run used: frozen generator, data, and the searcher behind s3's contexts (model, X-Y-Z, begin-with-search,
+    selection; a run from before `searcher.selection` existed selected, as the option's default does)."""
     c = man.get('config') or {}
     g, d = c.get('generator', {}), c.get('data', {})
     s, src = searcher_source(man)
@@ -95,7 +96,7 @@ def run_label(man: Mapping) -> dict:
     model = s3.get('searcher') if isinstance(s3, Mapping) and s3.get('searcher') else (src.get('metrics') or {}).get('searcher') or s.get('model')
     return {'run': Path(man['run_dir']).name, 'generator': g.get('model'), 'searcher': model,
             'xyz': f"{s.get('retrieved_per_search')}-{s.get('max_selected')}-{s.get('max_turns')}",
-            'begin_with_search': s.get('begin_with_search'), 'accuracy': (c.get('reward') or {}).get('accuracy'),
+            'begin_with_search': s.get('begin_with_search'), 'selection': s.get('selection', True if s else None), 'accuracy': (c.get('reward') or {}).get('accuracy'),
             'data': f"{d.get('qa')} questions / {d.get('corpus')} corpus", 'config': c.get('name'),
             'contexts_from': Path(src['run_dir']).name if src is not man and src.get('run_dir') else 'this run'}
 

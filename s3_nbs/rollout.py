@@ -560,7 +560,7 @@ async def arun_searcher(questions: Sequence, policy, retriever, tokenizer=None, 
     cfg = cfg or SearcherConfig()
     tok = tokenizer or getattr(policy, 'tokenizer', None)
     if tok is None: raise ValueError("pass the tokenizer (the policy has none)")
-    template = template if template is not None else load_template(cfg.prompt_template)
+    template = template if template is not None else load_template(cfg.prompt_template, cfg.selection)
     exs = [_example(q, i) for i, q in enumerate(questions)]
     st = stats if stats is not None else {}
     for k in ('generate_s', 'retrieve_s', 'generate_calls', 'retrieve_calls', 'rows_generated'): st.setdefault(k, 0)

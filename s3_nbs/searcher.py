@@ -15,12 +15,13 @@ from .config import SearcherConfig
 from .corpus import format_docs, split_contents
 
 # %% auto #0
-__all__ = ['DEFAULT_PROMPT', 'OPEN_QUERY_FEEDBACK', 'ASK_ACTION_FEEDBACK', 'FEEDBACK_STYLES', 'DEFAULT_LAST_TURN', 'NO_DOCUMENTS',
-           'PLACEHOLDERS', 'MIN_DOC_TOKENS', 'STOP', 'TRUE_VALUES', 'MAX_ID_DIGITS', 'MIN_STEP_TOKENS', 'OBS_RESERVE',
-           'OBS_OPEN', 'OBS_CLOSE', 'PromptTemplate', 'load_template', 'as_document', 'doc_lines', 'doc_key',
-           'fit_doc_lines', 'tag_contents', 'is_true', 'parse_query', 'Action', 'select_ids', 'parse_action',
-           'check_action', 'Generation', 'token_pieces', 'cut_generation', 'Block', 'Turn', 'search_steps',
-           'Trajectory', 'SearchResult', 'check_masks', 'check_end_of_turn', 'replay_transcript']
+__all__ = ['DEFAULT_PROMPT', 'NO_SELECTION_PROMPT', 'OPEN_QUERY_FEEDBACK', 'ASK_ACTION_FEEDBACK', 'FEEDBACK_STYLES',
+           'DEFAULT_LAST_TURN', 'NO_SELECTION_LAST_TURN', 'NO_DOCUMENTS', 'PLACEHOLDERS', 'MIN_DOC_TOKENS', 'STOP',
+           'TRUE_VALUES', 'MAX_ID_DIGITS', 'MIN_STEP_TOKENS', 'OBS_RESERVE', 'OBS_OPEN', 'OBS_CLOSE', 'PromptTemplate',
+           'builtin_template', 'load_template', 'as_document', 'doc_lines', 'doc_key', 'fit_doc_lines', 'tag_contents',
+           'is_true', 'parse_query', 'Action', 'select_ids', 'parse_action', 'check_action', 'Generation',
+           'token_pieces', 'cut_generation', 'Block', 'Turn', 'search_steps', 'Trajectory', 'SearchResult',
+           'check_masks', 'check_end_of_turn', 'replay_transcript']
 
 # %% ../nbs/api/40_searcher.ipynb #0007
 DEFAULT_PROMPT = """You are the search assistant of a question-answering system. You never answer the question yourself: \
@@ -51,6 +52,32 @@ Documents already retrieved for the question:
 {documents}
 </information>"""
 
+NO_SELECTION_PROMPT = """You are the search assistant of a question-answering system. You never answer the question \
+yourself: your job is to collect the documents a separate answering model needs to answer it. Every document your \
+searches return is passed to that model.
+
+Work in turns. In each turn:
+1. You may first reason briefly inside <think> ... </think>.
+2. If the documents gathered so far are enough to answer the question, write <search_complete>True</search_complete> \
+and stop.
+3. Otherwise write <search_complete>False</search_complete> and then one new search query as JSON, \
+<query>{"query": "your search terms"}</query>, and stop writing.
+
+Each search returns {retrieved_per_search} documents inside <information> ... </information>. You can search at most \
+{max_turns} times. Make every query different from the question and from your earlier queries.
+
+Example of a turn after a search:
+<think>Doc 2 names the director of the film; I still need the year he was born.</think>
+<search_complete>False</search_complete>
+<query>{"query": "birth year of the film's director"}</query>
+
+Question: {question}
+
+Documents already retrieved for the question:
+<information>
+{documents}
+</information>"""
+
 OPEN_QUERY_FEEDBACK = ("These documents do not answer the question yet, so I will search again with a new query, "
                        "written as JSON inside the query tags:\n<query>")
 ASK_ACTION_FEEDBACK = ("That turn had no action I could run. Finish with <search_complete>True</search_complete>, or "
@@ -58,6 +85,7 @@ ASK_ACTION_FEEDBACK = ("That turn had no action I could run. Finish with <search
 FEEDBACK_STYLES = {'open_query': OPEN_QUERY_FEEDBACK, 'ask_action': ASK_ACTION_FEEDBACK}  # `searcher.feedback`
 DEFAULT_LAST_TURN = ("You have no searches left. Select the useful documents of the last search with "
                      "<important_info>[...]</important_info> and finish with <search_complete>True</search_complete>.")
+NO_SELECTION_LAST_TURN = "You have no searches left. Finish with <search_complete>True</search_complete>."
 NO_DOCUMENTS = "(no documents)"
 PLACEHOLDERS = ('question', 'documents', 'retrieved_per_search', 'max_selected', 'max_turns')
 
@@ -82,10 +110,16 @@ class PromptTemplate:
         # one pass over the template, so a question that contains '{documents}' is not substituted again
         return re.sub(r'\{(' + '|'.join(PLACEHOLDERS) + r')\}', lambda m: str(values[m.group(1)]), out)
 
+def builtin_template(selection: bool = True) -> PromptTemplate:
+    "The built-in wording: the paper's protocol, or without selection (`searcher.selection: false`: nothing asks to select)."
+    return PromptTemplate() if selection else PromptTemplate(prompt=NO_SELECTION_PROMPT, last_turn=NO_SELECTION_LAST_TURN)
+
 # %% ../nbs/api/40_searcher.ipynb #0008
-def load_template(path: str | Path | None = None) -> PromptTemplate:
-    "The built-in template (`path` empty/None) or one read from a `.txt`/`.md` (prompt only) or `.yaml`/`.json` file."
-    if not path: return PromptTemplate()
+def load_template(path: str | Path | None = None, selection: bool = True) -> PromptTemplate:
+    """The built-in template (`path` empty/None) or one read from a `.txt`/`.md` (prompt only) or `.yaml`/`.json` file;
+    fields the file leaves out come from `builtin_template(selection)` (`searcher.selection`)."""
+    base = builtin_template(selection)
+    if not path: return base
     p = Path(path).expanduser()
     if not p.is_file(): raise FileNotFoundError(f"prompt template {p} does not exist (searcher.prompt_template)")
     text = p.read_text(encoding='utf-8')
@@ -95,8 +129,8 @@ def load_template(path: str | Path | None = None) -> PromptTemplate:
         if not isinstance(d, Mapping): raise ValueError(f"{p}: expected a mapping with keys among {', '.join(valid)}")
         bad = [k for k in d if k not in valid]
         if bad: raise ValueError(f"{p}: unknown key {bad[0]!r}; valid keys: {', '.join(valid)}")
-        t = PromptTemplate(**{k: str(v) for k, v in d.items()})
-    else: t = PromptTemplate(prompt=text.rstrip('\n'))
+        t = replace(base, **{k: str(v) for k, v in d.items()})
+    else: t = replace(base, prompt=text.rstrip('\n'))
     if '{question}' not in t.prompt: raise ValueError(f"{p}: the prompt template has no {{question}} placeholder")
     return t
 
@@ -341,7 +375,7 @@ class Trajectory:
         self.cfg = cfg or SearcherConfig()
         self.tok, self.question, self.id, self.dataset = tokenizer, question, str(id), dataset
         self.golden_answers = list(golden_answers)
-        self.template = template if template is not None else load_template(self.cfg.prompt_template)
+        self.template = template if template is not None else load_template(self.cfg.prompt_template, self.cfg.selection)
         if '{documents}' not in self.template.prompt and d0:
             raise ValueError("the prompt template has no {documents} placeholder but the initial documents (D0) must be shown")
         self.chat = bool(getattr(tokenizer, 'chat_template', None)) if chat is None else chat
@@ -434,8 +468,8 @@ class Trajectory:
         self._open_query = False
         latest = self.blocks[-1] if self.blocks else None
         text = self.tok.decode(gen.ids, skip_special_tokens=True)
-        a = parse_action(text, latest.n_shown if latest else None, self.cfg.max_selected, latest.selected if latest else (),
-                         open_query=open_q)
+        block = latest.n_shown if latest and self.cfg.selection else None  # without selection: no block to select from
+        a = parse_action(text, block, self.cfg.max_selected, latest.selected if latest else (), open_query=open_q)
         if latest: latest.selected += a.selected
         fb = note = []
         ends = a.kind == 'complete' or final
@@ -489,14 +523,15 @@ class Trajectory:
 
     # -- outputs -------------------------------------------------------------------------------------------------
     def context(self) -> list[tuple[dict, dict]]:
-        "D_s3 as `(document, source)` pairs: D0 then each block's selection, de-duplicated by document id."
+        "D_s3 as `(document, source)` pairs: D0 then each block's selection (without selection: all its documents), de-duplicated by document id."
         out, seen = [], set()
         def add(doc, src):
             k = doc_key(doc)
             if k not in seen: seen.add(k); out.append((doc, src))
         for i, d in enumerate(self.d0, 1): add(d, {'block': None, 'turn': 0, 'rank': i})
         for b, blk in enumerate(self.blocks):
-            ids = blk.selected or (list(range(1, blk.n_shown + 1)) if self.cfg.unselected_block_contributes_all else [])
+            if not self.cfg.selection: ids = range(1, len(blk.docs) + 1)  # every retrieved document, shown or not
+            else: ids = blk.selected or (list(range(1, blk.n_shown + 1)) if self.cfg.unselected_block_contributes_all else [])
             for i in ids: add(blk.docs[i - 1], {'block': b, 'turn': blk.turn, 'rank': i})
         return out
 
@@ -506,7 +541,7 @@ class Trajectory:
         return dict(xyz=f"{c.retrieved_per_search}-{c.max_selected}-{c.max_turns}", turn_budget=c.turn_budget,
                     search_steps=self.search_steps, feedback=c.feedback if not self.template.feedback else 'template',
                     unselected_block_contributes_all=c.unselected_block_contributes_all, drop_eos=c.drop_eos,
-                    begin_with_search=c.begin_with_search)
+                    begin_with_search=c.begin_with_search, selection=c.selection)
 
     def result(self) -> SearchResult:
         "The per-question record (finishes the trajectory with 'max_turns' if it is still open)."
@@ -557,7 +592,7 @@ class SearchResult:
     response_mask: list | None = None  # 1 on policy-generated tokens, 0 on observations / feedback / notes
     response_logprobs: list | None = None  # log-prob of each generated token (0.0 where the mask is 0)
     segments: list | None = None  # [kind, start, end] over response_ids
-    protocol: dict | None = None  # the protocol settings (`Trajectory.protocol`): turn budget, feedback, unselected blocks, EOS
+    protocol: dict | None = None  # the protocol settings (`Trajectory.protocol`): turn budget, feedback, unselected blocks, EOS, begin-with-search, selection
 
     @property
     def queries(self) -> list[str]: return [b['query'] for b in self.blocks]

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import S3Config, config_to_dict, get_logger
+from .config import S3Config, config_to_dict, get_logger, key_dict
 from .generator import run_sync
 from .rollout import HFPolicy, arun_searcher, collate, summarize_search
 from .searcher import SearchResult
@@ -597,7 +597,7 @@ def demonstration_questions(cfg: S3Config, train: Sequence, training_set_run=Non
 def training_key(cfg: S3Config, train: Sequence, rag_cache=None, index_id: str | None = None, init_model: str | None = None) -> str:
     "Content address of a training run: config (not its name, `eval`, `baselines`, `searcher.checkpoint`), training questions, naive-RAG cache, index, start model."
     import hashlib
-    conf = {k: v for k, v in config_to_dict(cfg).items() if k not in ('name', 'eval', 'baselines')}
+    conf = {k: v for k, v in key_dict(cfg).items() if k not in ('name', 'eval', 'baselines')}
     conf['searcher'] = {k: v for k, v in conf.get('searcher', {}).items() if k != 'checkpoint'}
     qs = [q.to_dict() if hasattr(q, 'to_dict') else dict(q) for q in train]
     cache = Path(rag_cache).name if rag_cache else None  # its name is the content address of how it was built

@@ -225,7 +225,7 @@ class S3SearchLoop:
         self.retriever = (shared_client('retriever', retrieve_url(retriever), lambda: RetrievalClient(retriever, retries=retrieval_retries),
                                         retrieval_retries) if isinstance(retriever, str) else connect_retriever(retriever))
         if isinstance(template, Mapping): template = PromptTemplate(**_plain(template))
-        self.template = template if template is not None else load_template(self.cfg.prompt_template)
+        self.template = template if template is not None else load_template(self.cfg.prompt_template, self.cfg.selection)
         if int(response_length) < 1: raise ValueError(f"response_length must be >= 1, got {response_length}")
         self.response_length = int(response_length)
         eos = list(eos_ids) if eos_ids is not None else []
@@ -395,7 +395,7 @@ def agent_loop_entries(cfg: S3Config, retrieval_url: str | None = None, reward_u
     url = retrieval_url if retrieval_url is not None else cfg.retrieval.url
     if not url: raise ValueError("the agent loop needs a retrieval server: set retrieval.url (e.g. http://HEAD:3000/retrieve)")
     retrieve_url(url)  # refuses a malformed URL now, not on a worker
-    t = load_template(cfg.searcher.prompt_template)
+    t = load_template(cfg.searcher.prompt_template, cfg.searcher.selection)
     searcher = {**config_to_dict(cfg.searcher), 'prompt_template': ''}  # the template travels as text
     return [{'name': name, '_target_': f'{MODULE}.S3SearchAgentLoop', 'retrieval_url': url, 'reward_url': reward_url,
              'max_concurrent_retrievals': int(max_concurrent_retrievals), 'searcher': searcher,

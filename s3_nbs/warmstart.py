@@ -55,10 +55,10 @@ def pick_documents(docs: Sequence, example, max_selected: int, known: Sequence =
 
 def demonstration(example, tokenizer, retriever, cfg: SearcherConfig | None = None,
                   template: PromptTemplate | None = None) -> SearchResult:
-    "One scripted trajectory for `example` (search with `demo_query`, select with `pick_documents`, complete)."
+    "One scripted trajectory for `example` (search with `demo_query`, select with `pick_documents` unless `cfg.selection` is false, complete)."
     cfg = cfg or SearcherConfig()
     d0 = retriever.batch_search([example.question], cfg.initial_topk)[0] if cfg.begin_with_search else None
-    t = Trajectory(example.question, tokenizer, cfg, d0, template if template is not None else load_template(cfg.prompt_template),
+    t = Trajectory(example.question, tokenizer, cfg, d0, template if template is not None else load_template(cfg.prompt_template, cfg.selection),
                    id=example.id, golden_answers=list(example.golden_answers), dataset=example.dataset)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     def say(text: str):
@@ -68,8 +68,9 @@ def demonstration(example, tokenizer, retriever, cfg: SearcherConfig | None = No
     if t.pending_query is None: return t.result()  # the budget cut the query: a truncated demonstration is still shown as is
     t.add_observation(retriever.batch_search([t.pending_query], cfg.retrieved_per_search)[0])
     block = t.blocks[-1]
-    ids = pick_documents(block.docs[:block.n_shown], example, cfg.max_selected, known=d0 or ())
-    say(f"<important_info>{ids}</important_info><search_complete>True</search_complete>" + (tokenizer.eos_token or ''))
+    ids = pick_documents(block.docs[:block.n_shown], example, cfg.max_selected, known=d0 or ()) if cfg.selection else None
+    say((f"<important_info>{ids}</important_info>" if ids is not None else '') + "<search_complete>True</search_complete>"
+        + (tokenizer.eos_token or ''))
     return t.result()
 
 def build_demonstrations(examples: Sequence, tokenizer, retriever, cfg: SearcherConfig | None = None) -> list[SearchResult]:

@@ -141,6 +141,29 @@ def test_search_stage_against_retrieval_server(outputs):
     assert (run_dir/'artifacts'/'summary.png').stat().st_size > 1000
 
 
+def test_search_stage_without_selection(outputs):
+    "Stage 5 with `searcher.selection=false`: recorded in the results, no selection asked, D_s3 = D0 + every retrieved document, its own search log."
+    args = ['run', '05_search', '-p', 'searcher="tiny-llama"', '-p', 'max_questions=2', '-p', 'batch_size=2',
+            '--set', 'searcher.max_step_tokens=16', '--quiet']
+    r = s3(outputs, *args, '--set', 'searcher.selection=false')
+    assert r.returncode == 0, r.stdout + r.stderr
+    off = latest(outputs, '05_search')
+    man = json.loads((off/'manifest.json').read_text())
+    assert man['status'] == 'ok' and man['config']['searcher']['selection'] is False
+    res = [json.loads(l) for l in open(off/'artifacts'/'results.jsonl')]
+    assert len(res) == 2
+    for rr in res:
+        assert rr['protocol']['selection'] is False and 'important_info' not in rr['prompt']
+        every = [d['id'] for d in rr['d0']] + [i for b in rr['blocks'] for i in b['doc_ids']]
+        assert [d['id'] for d in rr['context_docs']] == list(dict.fromkeys(every))
+    assert json.loads((off/'artifacts'/'summary.json').read_text())['protocol']['selection'] is False
+    r = s3(outputs, *args)  # with selection (the default): another content key, so another search log
+    assert r.returncode == 0, r.stdout + r.stderr
+    on = json.loads((latest(outputs, '05_search')/'manifest.json').read_text())
+    assert on['config']['searcher']['selection'] is True and on['metrics']['search_log'] != man['metrics']['search_log']
+    assert all('important_info' in json.loads(l)['prompt'] for l in open(latest(outputs, '05_search')/'artifacts'/'results.jsonl'))
+
+
 def test_train_stage(outputs):
     "Stages 3b and 4 on the stage-3 cache above: two PPO steps of the tiny Llama, a checkpoint per step, curves, metrics."
     r = s3(outputs, 'run', '03_rag_cache', '-p', 'max_questions=20', '-p', 'retriever=bm25', '-p', 'model=tiny-llama',
