@@ -113,10 +113,19 @@ def module_closure(nb_text: str) -> list[Path]:
     return sorted(lib/f'{m}.py' for m in seen)
 
 
+def result_files(nb_text: str) -> list[Path]:
+    "The committed benchmark results a notebook may read: every file under `benchmarks/results/<bench>` for each bench it names."
+    res = ROOT/'benchmarks'/'results'
+    names = {n for n in set(re.findall(r'\b(bench_\w+)', nb_text)) if (res/n).is_dir()}
+    return sorted(f for n in names for f in (res/n).rglob('*') if f.is_file())
+
+
 def exec_key(src: Path, execute: bool) -> str:
-    "Cache key of an executed notebook: the notebook, the modules it depends on, the configs, the builder's processor."
+    """Cache key of an executed notebook: the notebook, the modules it depends on, the benchmark results it reads, the
+    configs, the builder's processor."""
     text = src.read_text()
-    files = [*module_closure(text), *sorted((ROOT/'configs').glob('*.y*ml')), ROOT/'pyproject.toml', DOCS/'nbexec.py']
+    files = [*module_closure(text), *result_files(text), *sorted((ROOT/'configs').glob('*.y*ml')), ROOT/'pyproject.toml',
+             DOCS/'nbexec.py']
     return _digest(text, execute, *[f.name.encode() + f.read_bytes() for f in files if f.exists()])
 
 
