@@ -1,5 +1,5 @@
 "System tests of the foundation: project configuration, the `s3` command, a real stage run, docs staging."
-import json, os, subprocess, sys, tomllib
+import json, os, re, subprocess, sys, tomllib
 from pathlib import Path
 import nbformat, pytest, yaml
 
@@ -59,3 +59,22 @@ def test_docs_staging_runs_offline():
     sources = {p.relative_to(ROOT/'nbs') for p in (ROOT/'nbs').rglob('*.ipynb') if '.ipynb_checkpoints' not in p.parts}
     assert sources <= staged, f"not staged: {sorted(map(str, sources - staged))}"
     assert 'Found cells containing imports and other code' not in r.stderr, r.stderr[-2000:]
+
+
+RAW_TEXT_TAGS = re.compile(r'<(title|textarea|script|style|xmp|iframe|noscript|plaintext|template|noembed)\b', re.I)
+
+
+def markdown_without_code(src: str) -> str:
+    "A Markdown cell's text with fenced blocks and inline code spans removed (what a browser would parse as HTML)."
+    return re.sub(r'`[^`\n]*`', '', re.sub(r'```.*?```', '', src, flags=re.S))
+
+
+def test_markdown_has_no_raw_text_html_tags():
+    "A bare `<title>` (or `<script>`, `<textarea>`...) in Markdown swallows the rest of its docs page in a browser."
+    assert RAW_TEXT_TAGS.search(markdown_without_code('see "What is <title>?" here'))
+    assert not RAW_TEXT_TAGS.search(markdown_without_code('see `What is <title>?` and\n```\n<script>\n```'))
+    bad = [f"{p.relative_to(ROOT)} cell {i}: {m.group(0)}"
+           for p in sorted((ROOT/'nbs').rglob('*.ipynb')) if '.ipynb_checkpoints' not in p.parts
+           for i, c in enumerate(nbformat.read(p, as_version=4).cells) if c.cell_type == 'markdown'
+           for m in RAW_TEXT_TAGS.finditer(markdown_without_code(c.source))]
+    assert not bad, 'escape these tags (backticks or &lt;...&gt;): ' + '; '.join(bad)
