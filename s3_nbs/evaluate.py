@@ -21,12 +21,12 @@ from .reward import AnswerGrader, chat_backend, make_grader, prompt_templates_sh
 from .store import JsonlStore
 
 # %% auto #0
-__all__ = ['MIRAGE_DATASETS', 'ANSWER_PROMPTS', 'SELF_SUFFIX', 'ROW_FIELDS', 'METRICS', 'TABLE_COLUMNS', 'SUMMARY_METRICS',
-           'sample_questions', 'mirage_question', 'is_mirage', 'check_record', 'index_records', 'parse_methods',
-           'parse_seeds', 'expand_methods', 'baseline_templates_sha', 'eval_settings', 'settings_hash', 'TokenCounter',
-           'token_counter', 'question_text', 'plan_evaluation', 'amirage_judge', 'item_messages', 'aevaluate_batch',
-           'results_table', 'Evaluation', 'evaluate_records', 'seed_summary', 'compact_table', 'write_table',
-           'plot_accuracy', 'plot_tokens_vs_accuracy', 'fill_records']
+__all__ = ['MIRAGE_DATASETS', 'ANSWER_PROMPTS', 'SELF_SUFFIX', 'SELF_ANSWERING', 'ROW_FIELDS', 'METRICS', 'TABLE_COLUMNS',
+           'SUMMARY_METRICS', 'sample_questions', 'mirage_question', 'is_mirage', 'check_record', 'index_records',
+           'parse_methods', 'parse_seeds', 'expand_methods', 'baseline_templates_sha', 'eval_settings', 'settings_hash',
+           'TokenCounter', 'token_counter', 'question_text', 'plan_evaluation', 'amirage_judge', 'item_messages',
+           'aevaluate_batch', 'results_table', 'Evaluation', 'evaluate_records', 'seed_summary', 'compact_table',
+           'write_table', 'plot_accuracy', 'plot_tokens_vs_accuracy', 'fill_records']
 
 # %% ../nbs/api/70_evaluate.ipynb #8501bb4a
 def _get(q, name: str, default=None):
@@ -74,6 +74,7 @@ def is_mirage(dataset: str | None, options=None) -> bool:
 # %% ../nbs/api/70_evaluate.ipynb #70bcc04a
 ANSWER_PROMPTS = ('rag', 'direct', 'cot')  # how the generator is asked (`answer_prompt` of a record; absent = rag)
 SELF_SUFFIX = '_self'  # a record's `self_answer` is scored as method `<method>_self`, without a generator call
+SELF_ANSWERING = ('search_r1',)  # methods that answer themselves: a run that ended without an answer scores '' (wrong), never 'missing'
 
 def _n_docs(rec: Mapping) -> int:
     "Documents in a record's context: its `context_docs`, else its `Doc i` lines."
@@ -110,7 +111,8 @@ def _scored_part(r: Mapping) -> tuple:
     return (r['answer_prompt'], r['context'], r['self_answer'], tuple(r.get('golden_answers') or ()))
 
 def index_records(records: Iterable[Mapping]) -> dict[tuple[str, str], dict]:
-    "Checked records by `(method, id)`, plus `(<method>_self, id)` for each record with a `self_answer`."
+    """Checked records by `(method, id)`, plus `(<method>_self, id)` for each record with a `self_answer` and for every
+    record of a `SELF_ANSWERING` method (no answer given = the empty answer, scored wrong)."""
     out: dict = {}
     for n, r in enumerate(records, 1):
         r = check_record(r, f"record {n}")
@@ -120,8 +122,9 @@ def index_records(records: Iterable[Mapping]) -> dict[tuple[str, str], dict]:
                              "prompt, self answer or golds): one record per method and question")
         out.setdefault(k, r)
     for (m, i), r in list(out.items()):
-        if r['self_answer'] is not None and not m.endswith(SELF_SUFFIX):
-            out.setdefault((m + SELF_SUFFIX, i), {**r, 'method': m + SELF_SUFFIX, 'answer_prompt': 'self', 'source_method': m})
+        if m.endswith(SELF_SUFFIX) or (r['self_answer'] is None and m not in SELF_ANSWERING): continue
+        out.setdefault((m + SELF_SUFFIX, i), {**r, 'method': m + SELF_SUFFIX, 'answer_prompt': 'self', 'source_method': m,
+                                              'self_answer': r['self_answer'] or '', 'no_self_answer': r['self_answer'] is None})
     return out
 
 def parse_methods(methods, default: Sequence[str] = ()) -> tuple[str, ...]:
