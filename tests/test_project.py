@@ -78,3 +78,17 @@ def test_markdown_has_no_raw_text_html_tags():
            for i, c in enumerate(nbformat.read(p, as_version=4).cells) if c.cell_type == 'markdown'
            for m in RAW_TEXT_TAGS.finditer(markdown_without_code(c.source))]
     assert not bad, 'escape these tags (backticks or &lt;...&gt;): ' + '; '.join(bad)
+
+
+def test_readme_results_table_is_rendered_from_the_committed_run(tmp_path, monkeypatch):
+    "The README's demo-scale results block is exactly what docs/demo_results.py renders from docs/results/ (not typed)."
+    sys.path.insert(0, str(ROOT/'docs'))
+    try: import demo_results as dr
+    finally: sys.path.remove(str(ROOT/'docs'))
+    assert dr.readme_block((ROOT/'README.md').read_text()) == dr.render(), \
+        'README results block differs from docs/results/: run `python docs/demo_results.py` to re-render it'
+    import pandas as pd  # a changed figure in the committed table changes the render
+    changed = tmp_path/'demo_eval.csv'
+    t = pd.read_csv(dr.CSV); t.loc[0, 'genacc'] = 0.999; t.to_csv(changed, index=False)
+    monkeypatch.setattr(dr, 'CSV', changed)
+    assert dr.render() != dr.readme_block((ROOT/'README.md').read_text())
