@@ -20,9 +20,9 @@ from .searcher import SearchResult
 
 # %% auto #0
 __all__ = ['verl_algos', 'DataCursor', 'trim_batch', 'response_logprobs', 'ValueModel', 'token_scores', 'kl_in_reward',
-           'advantages', 'gbr_reward_fn', 'use_bf16', 'rollout_record', 'Trainer', 'check_same_architecture',
-           'TrainingInputs', 'training_inputs', 'resolve_searcher', 'demonstration_questions', 'training_key',
-           'finished_training_run', 'adopt_training_run']
+           'advantages', 'flat_group_share', 'gbr_reward_fn', 'use_bf16', 'rollout_record', 'Trainer',
+           'check_same_architecture', 'TrainingInputs', 'training_inputs', 'resolve_searcher',
+           'demonstration_questions', 'training_key', 'finished_training_run', 'adopt_training_run']
 
 # %% ../nbs/api/50_trainer.ipynb #30b7d432
 _log = get_logger('s3_nbs.trainer')
@@ -165,6 +165,13 @@ def advantages(algorithm: str, token_rewards, response_mask, values=None, gamma:
         if index is None: raise ValueError("grpo needs a group index (which question each sample belongs to)")
         return ca.compute_grpo_outcome_advantage(token_rewards, m, np.asarray(index, dtype=object))
     raise ValueError(f"train.algorithm must be ppo or grpo, got {algorithm!r}")
+
+# %% ../nbs/api/50_trainer.ipynb #0b8ba311
+def flat_group_share(rewards: Sequence[float], group: Sequence) -> float:
+    "Share of groups (questions) whose samples all got the same reward, i.e. a zero group-normalised advantage."
+    by: dict = {}
+    for r, g in zip(rewards, group, strict=True): by.setdefault(g, set()).add(round(float(r), 9))
+    return sum(len(v) == 1 for v in by.values()) / len(by) if by else 0.0
 
 # %% ../nbs/api/50_trainer.ipynb #67ff6d5d
 def gbr_reward_fn(reward) -> Callable:
@@ -378,6 +385,7 @@ class Trainer:
         mean = lambda k: float(np.mean([float(s[k]) for s in scored if s.get(k) is not None])) if any(s.get(k) is not None for s in scored) else None
         return dict(step=self.step_no, epoch=self.cursor.epoch, questions=len(idx), trajectories=len(results),
                     reward_mean=float(np.mean(rewards)), reward_std=float(np.std(rewards)), gbr=_gbr(scored),
+                    flat_groups=flat_group_share(rewards, group),
                     acc_s3=mean('acc_s3'), acc_rag=mean('acc_rag'),
                     valid_action_rate=round(1.0 - summ['invalid_rate'], 4), searches_per_question=summ['mean_searches'],
                     docs_per_question=summ['mean_docs'], selected_per_search=summ['mean_selected_per_search'],
