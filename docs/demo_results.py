@@ -32,7 +32,8 @@ def record_run(run_dir: Path) -> None:
             'parameters': man.get('parameters'), 'overrides': man.get('overrides'), 'split': m.get('split'),
             'questions': m.get('questions'), 'max_per_dataset': m.get('max_per_dataset'), 'generator': m.get('generator'),
             'accuracy': m.get('accuracy'), 's3': {'searcher': _rel((m.get('s3') or {}).get('searcher'))} if m.get('s3') else None, 'missing': m.get('missing'), 'git': man.get('git'),
-            'host': man.get('host'), 'started': man.get('started'), 'seconds': man.get('seconds')}
+            'host': man.get('host'), 'started': man.get('started'), 'seconds': man.get('seconds'),
+            'answers_computed': m.get('computed'), 'answers_reused': m.get('reused')}
     META.write_text(json.dumps(meta, indent=1, default=str) + '\n')
 
 
@@ -70,7 +71,8 @@ def render() -> str:
             f"split `{meta['split']}`, {sum((meta.get('questions') or {}).values())} questions, generator "
             f"`{meta['generator']}`, accuracy `{meta['accuracy']}` (GenAcc, EM, F1 in %; avg = mean over the datasets, "
             f"as the paper); git {str((meta.get('git') or {}).get('sha', ''))[:10]}, {(meta.get('host') or {}).get('cpus')} "
-            f"CPUs, {meta.get('seconds')} s, started {meta.get('started')}. Files: `docs/results/demo_eval.csv`, "
+            f"CPUs, {meta.get('seconds')} s, started {meta.get('started')} (answers computed in it: {meta.get('answers_computed')}, "
+            f"reused from the content-addressed logs: {meta.get('answers_reused')}). Files: `docs/results/demo_eval.csv`, "
             f"`docs/results/demo_eval.json`.")
     if s3: note += f" s3 searcher: `{s3.get('searcher')}`."
     return '\n'.join([BEGIN, *out, '', note, END])
