@@ -124,7 +124,7 @@ def index_records(records: Iterable[Mapping]) -> dict[tuple[str, str], dict]:
     for (m, i), r in list(out.items()):
         if m.endswith(SELF_SUFFIX) or (r['self_answer'] is None and m not in SELF_ANSWERING): continue
         out.setdefault((m + SELF_SUFFIX, i), {**r, 'method': m + SELF_SUFFIX, 'answer_prompt': 'self', 'source_method': m,
-                                              'self_answer': r['self_answer'] or '', 'no_self_answer': r['self_answer'] is None})
+                                              'self_answer': r['self_answer'] or ''})
     return out
 
 def parse_methods(methods, default: Sequence[str] = ()) -> tuple[str, ...]:
