@@ -6,7 +6,7 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/config.html.md"""
 
 # %% ../nbs/api/00_config.ipynb #0003
 from __future__ import annotations
-import dataclasses, functools, json, logging, os, random, sys, types, typing
+import dataclasses, functools, json, logging, os, random, re, sys, types, typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -168,6 +168,7 @@ class TrainConfig:
     warm_start_lr: float = 5e-5  # warm-start learning rate (AdamW, constant)
     warm_start_batch: int = 8  # demonstrations accumulated per optimizer step
     on_policy_shortcut: bool = False  # skip the no-grad pass that recomputes old log-probs (verl recomputes them): exact when a step is one mini-batch, one epoch, KL not in the reward
+    drop_flat_groups: bool = False  # grpo: leave out of the update the groups (questions) whose samples all got the same reward: their advantage is zero, only a KL loss would touch them (a deviation, DAPO-like dynamic sampling without resampling; a step's compute goes to the samples that carry gradient)
 
 @dataclass(frozen=True)
 class BaselinesConfig:
@@ -263,6 +264,8 @@ CROSS_RULES = [  # (keys, check on their values, what is allowed), checked once 
     (('train.ppo_mini_batch_size', 'train.samples_per_prompt', 'train.ppo_micro_batch_size'), lambda m, n, u: (m * n) % u == 0,
      'a mini-batch (train.ppo_mini_batch_size prompts x train.samples_per_prompt trajectories, as verl counts it) must be a '
      'multiple of train.ppo_micro_batch_size (trajectories)'),
+    (('train.drop_flat_groups', 'train.algorithm'), lambda drop, a: not drop or a == 'grpo',
+     'train.drop_flat_groups needs train.algorithm grpo (a group is the samples of one question; PPO\'s advantages are not per group)'),
     (('train.on_policy_shortcut', 'train.ppo_epochs', 'train.ppo_mini_batch_size', 'train.batch_size', 'train.kl_mode', 'reward.kl_coef'),
      lambda on, e, m, b, k, c: not on or (e == 1 and m == b and (k == 'loss' or c == 0)),
      'train.on_policy_shortcut needs one PPO epoch, train.ppo_mini_batch_size = train.batch_size (one update per step) and the KL '
@@ -310,6 +313,13 @@ def _check_type(value, typ, key: str):
         at = f" ({key}{''.join(f'[{p!r}]' for p in err['loc'])} = {err['input']!r})" if err['loc'] else ''
         raise _refused(key, value, _type_text(typ), at) from None
 
+_EXPONENT_FLOAT = re.compile(r'[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+')
+
+def _yaml11_float(value, typ):
+    "PyYAML (YAML 1.1) reads `5e-5`, without a dot, as a string: a number field takes the number it spells."
+    wants_float = typ is float or float in typing.get_args(typ)
+    return float(value) if wants_float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()) else value
+
 def _from_dict(cls, d: Mapping, prefix: str = ''):
     types_ = _field_types(cls)
     unknown = [k for k in d if k not in types_]
@@ -319,7 +329,7 @@ def _from_dict(cls, d: Mapping, prefix: str = ''):
     out = {}
     for k, v in d.items():
         typ, key = types_[k], prefix + k
-        if not is_dataclass(typ): out[k] = _check_type(v, typ, key)
+        if not is_dataclass(typ): out[k] = _check_type(_yaml11_float(v, typ), typ, key)
         elif isinstance(v, typ): out[k] = v
         elif isinstance(v, Mapping): out[k] = _from_dict(typ, v, key + '.')
         else: raise _refused(key, v, f"a mapping of {typ.__name__} fields ({', '.join(_field_types(typ))})")

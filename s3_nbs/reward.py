@@ -22,7 +22,8 @@ from .store import JsonlStore
 # %% auto #0
 __all__ = ['REWARD_MODES', 'ACCURACIES', 'gbr', 'Graded', 'prompt_sha', 'AnswerGrader', 'RagCacheMiss', 'RagCacheMismatch',
            'prompt_templates_sha', 'qa_sha', 'chat_backend', 'rag_build', 'regraded', 'RagBaseline', 'RewardItem',
-           'GBRReward', 'make_grader', 'make_reward', 'trusted_accuracy', 'aprobe_gain', 'probe_gain']
+           'GBRReward', 'make_grader', 'make_reward', 'trusted_accuracy', 'aprobe_gain', 'aanswer_bearing',
+           'answer_bearing', 'probe_gain']
 
 # %% ../nbs/api/30_reward.ipynb #0006
 REWARD_MODES = ('gbr', 'gbr_plus_acc')
@@ -411,6 +412,17 @@ async def aprobe_gain(questions: Sequence, retriever, grader: AnswerGrader, topk
         r.setdefault('acc_none', None)
         r['gainable'] = bool(r['candidates']) and r['acc_none'] == 0 and any(c['acc'] > 0 for c in r['candidates'])
     return rows
+
+async def aanswer_bearing(questions: Sequence, retriever, topk: int = 5) -> list:
+    "The `questions` with a gold answer verbatim in one of their top-`topk` documents: the only ones `probe_gain` can call gainable."
+    if topk < 1: raise ValueError(f"topk must be >= 1, got {topk}")
+    if not questions: return []
+    hits = await _maybe_await(retriever.batch_search([q.question for q in questions], topk))
+    return [q for q, h in zip(questions, hits) if _answer_bearing(_docs_of(h), q.golden_answers)]
+
+def answer_bearing(questions, retriever, topk: int = 5) -> list:
+    "Synchronous `aanswer_bearing`."
+    return run_sync(aanswer_bearing(questions, retriever, topk))
 
 def probe_gain(questions, retriever, grader, topk: int = 5) -> list[dict]:
     "Synchronous `aprobe_gain` (also inside Jupyter)."

@@ -20,8 +20,8 @@ from .searcher import SearchResult
 
 # %% auto #0
 __all__ = ['verl_algos', 'DataCursor', 'trim_batch', 'response_logprobs', 'ValueModel', 'token_scores', 'kl_in_reward',
-           'advantages', 'flat_group_share', 'gbr_reward_fn', 'use_bf16', 'rollout_record', 'Trainer',
-           'check_same_architecture', 'TrainingInputs', 'training_inputs', 'resolve_searcher',
+           'advantages', 'flat_group_share', 'informative_rows', 'gbr_reward_fn', 'use_bf16', 'rollout_record',
+           'Trainer', 'check_same_architecture', 'TrainingInputs', 'training_inputs', 'resolve_searcher',
            'demonstration_questions', 'training_key', 'finished_training_run', 'adopt_training_run']
 
 # %% ../nbs/api/50_trainer.ipynb #30b7d432
@@ -172,6 +172,12 @@ def flat_group_share(rewards: Sequence[float], group: Sequence) -> float:
     by: dict = {}
     for r, g in zip(rewards, group, strict=True): by.setdefault(g, set()).add(round(float(r), 9))
     return sum(len(v) == 1 for v in by.values()) / len(by) if by else 0.0
+
+def informative_rows(rewards: Sequence[float], group: Sequence) -> list[int]:
+    "Indices of the samples whose group (question) got more than one reward value: the ones a GRPO advantage is not zero for."
+    by: dict = {}
+    for r, g in zip(rewards, group, strict=True): by.setdefault(g, set()).add(round(float(r), 9))
+    return [i for i, g in enumerate(group) if len(by[g]) > 1]
 
 # %% ../nbs/api/50_trainer.ipynb #67ff6d5d
 def gbr_reward_fn(reward) -> Callable:
@@ -365,25 +371,35 @@ class Trainer:
         if len(scored) != len(results): raise RuntimeError(f"the reward function gave {len(scored)} scores for {len(results)} trajectories")
         rewards = [float(s['reward']) for s in scored]
         t2 = time.perf_counter()
-        batch = collate(results, self.pad_id, device=self.device)
-        self._forward_no_grad(batch)
-        mask = batch['response_mask']
-        scores = token_scores(rewards, mask).to(self.device)
-        coef = self.cfg.reward.kl_coef if self.t.kl_mode == 'reward' else 0.0  # with kl_mode loss, KL is only measured here
-        token_rewards, kl_rows = kl_in_reward(scores, batch['old_log_probs'], batch['ref_log_probs'], mask, coef, self.t.kl_estimator)
+        full = collate(results, self.pad_id, device=self.device)
         group = [str(self.questions[i].id if hasattr(self.questions[i], 'id') else i) for i in idx for _ in range(self.t.samples_per_prompt)]
-        batch['advantages'], batch['returns'] = advantages(self.t.algorithm, token_rewards, mask, batch.get('values'),
-                                                           self.t.gamma, self.t.lam, group)
-        lp_gap = None if self.on_policy else float((batch['old_log_probs'] - batch['rollout_log_probs']).abs().mul(mask).sum() / mask.sum().clamp(min=1))
+        # train.drop_flat_groups: the groups whose samples all scored the same carry no GRPO advantage; leave them out
+        keep = informative_rows(rewards, group) if self.t.drop_flat_groups else list(range(len(results)))
+        kl, lp_gap, upd = None, None, {}
+        if keep:
+            rows = torch.tensor(keep)
+            batch = {k: v[rows] if hasattr(v, 'shape') else v for k, v in full.items()}
+            self._forward_no_grad(batch)
+            mask = batch['response_mask']
+            scores = token_scores([rewards[i] for i in keep], mask).to(self.device)
+            coef = self.cfg.reward.kl_coef if self.t.kl_mode == 'reward' else 0.0  # with kl_mode loss, KL is only measured here
+            token_rewards, kl_rows = kl_in_reward(scores, batch['old_log_probs'], batch['ref_log_probs'], mask, coef, self.t.kl_estimator)
+            batch['advantages'], batch['returns'] = advantages(self.t.algorithm, token_rewards, mask, batch.get('values'),
+                                                               self.t.gamma, self.t.lam, [group[i] for i in keep])
+            kl = float(kl_rows.mean())
+            lp_gap = None if self.on_policy else float((batch['old_log_probs'] - batch['rollout_log_probs']).abs().mul(mask).sum() / mask.sum().clamp(min=1))
         t3 = time.perf_counter()
-        upd = self.update(batch)
+        if keep: upd = self.update(batch)
+        else:  # nothing to learn from this step (every group flat): no update, the schedule still advances
+            self.actor_sched.step()
+            if self.critic is not None: self.critic_sched.step()
         t4 = time.perf_counter()
         self.step_no += 1
         summ = summarize_search(results)
         self._rollouts = [rollout_record(self.step_no, r, sc) for r, sc in zip(results, scored)]
         new_docs = [rec['new_docs'] for rec in self._rollouts]
         mean = lambda k: float(np.mean([float(s[k]) for s in scored if s.get(k) is not None])) if any(s.get(k) is not None for s in scored) else None
-        return dict(step=self.step_no, epoch=self.cursor.epoch, questions=len(idx), trajectories=len(results),
+        return dict(step=self.step_no, epoch=self.cursor.epoch, questions=len(idx), trajectories=len(results), trained_trajectories=len(keep),
                     reward_mean=float(np.mean(rewards)), reward_std=float(np.std(rewards)), gbr=_gbr(scored),
                     flat_groups=flat_group_share(rewards, group),
                     acc_s3=mean('acc_s3'), acc_rag=mean('acc_rag'),
@@ -391,7 +407,7 @@ class Trainer:
                     docs_per_question=summ['mean_docs'], selected_per_search=summ['mean_selected_per_search'],
                     new_docs_per_question=float(np.mean(new_docs)), share_without_new_docs=float(np.mean([n == 0 for n in new_docs])),
                     answer_in_context=float(np.mean([rec['answer_in_context'] for rec in self._rollouts])),
-                    response_length=float(mask.sum(1).float().mean()), kl=float(kl_rows.mean()), rollout_logprob_gap=lp_gap,
+                    response_length=float(full['response_mask'].sum(1).float().mean()), kl=kl, rollout_logprob_gap=lp_gap,
                     actor_lr=self.actor_sched.get_last_lr()[0], **upd,
                     rollout_s=round(t1 - t0, 3), reward_s=round(t2 - t1, 3), prepare_s=round(t3 - t2, 3), update_s=round(t4 - t3, 3),
                     step_s=round(t4 - t0, 3))
