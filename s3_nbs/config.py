@@ -68,6 +68,7 @@ class DataConfig:
     question_mark: bool = True  # end every question with '?' when it lacks one, as the original formats them
     gainable_only: bool = False  # keep only questions where one answer-bearing document retrieved for the question, alone, makes the generator right and no document does not (`s3_nbs.reward.probe_gain`, in stage 03b; the CPU learning config)
     gainable_topk: int = 5  # documents retrieved for the question that data.gainable_only tries one at a time
+    gainable_distractor: bool = False  # data.gainable_only also asks with the best-ranked top-k document without the answer and drops the question when that is answered right too (the generator's luck, not a searcher's gain)
     max_train_questions: int = 0  # the first N questions of the training split that stages 03 (naive-RAG cache) and 03b (training set) take (0: all; the demo's short path)
     answer_in_evidence_only: bool = False  # keep only questions whose gold answer is verbatim in their evidence passages (demo data records it; the CPU learning config: a better context can change the answer there)
 

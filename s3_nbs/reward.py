@@ -394,23 +394,34 @@ def _answer_bearing(docs: Sequence[dict], golds: Sequence[str]) -> list[tuple[in
     "(rank, document) for the documents whose text contains a gold answer (normalised tokens, as the span check reads answers)."
     return [(r, d) for r, d in enumerate(docs) if span_check(d.get('contents', ''), golds)]
 
-async def aprobe_gain(questions: Sequence, retriever, grader: AnswerGrader, topk: int = 5) -> list[dict]:
-    "Per question (`QAExample`s): the generator's accuracy from each answer-bearing top-`topk` document alone and from none; `gainable` when one alone is right and none is wrong."
+async def aprobe_gain(questions: Sequence, retriever, grader: AnswerGrader, topk: int = 5, distractor: bool = False) -> list[dict]:
+    """Per question (`QAExample`s): the generator's accuracy from each answer-bearing top-`topk` document alone and from
+    none; `gainable` when one alone is right and none is wrong. With `distractor`, also from the best-ranked top-`topk`
+    document without the answer, alone, which must be wrong too."""
     if topk < 1: raise ValueError(f"topk must be >= 1, got {topk}")
     if not questions: return []
     hits = await _maybe_await(retriever.batch_search([q.question for q in questions], topk))
     asks, rows = [], []
     for q, h in zip(questions, hits):
-        cands = _answer_bearing(_docs_of(h), q.golden_answers)
-        rows.append({'id': q.id, 'question': q.question, 'candidates': [{'rank': r, 'doc_id': str(d.get('id'))} for r, d in cands]})
-        if cands: asks += [(len(rows) - 1, None, q, '')] + [(len(rows) - 1, j, q, format_docs([d])) for j, (_, d) in enumerate(cands)]
+        docs = _docs_of(h)
+        cands = _answer_bearing(docs, q.golden_answers)
+        bearing = {r for r, _ in cands}
+        other = next(((r, d) for r, d in enumerate(docs) if r not in bearing), None) if distractor else None  # best-ranked without the answer
+        rows.append({'id': q.id, 'question': q.question, 'candidates': [{'rank': r, 'doc_id': str(d.get('id'))} for r, d in cands],
+                     'distractor': None if other is None else {'rank': other[0], 'doc_id': str(other[1].get('id'))}})
+        if cands:
+            i = len(rows) - 1
+            asks += [(i, None, q, '')] + [(i, j, q, format_docs([d])) for j, (_, d) in enumerate(cands)]
+            if other is not None: asks.append((i, 'distractor', q, format_docs([other[1]])))
     graded = await grader.agrade([a[2].question for a in asks], [a[2].golden_answers for a in asks], [a[3] for a in asks])
     for (i, j, _, _), g in zip(asks, graded):
         if j is None: rows[i]['acc_none'] = g.acc
+        elif j == 'distractor': rows[i]['distractor']['acc'] = g.acc
         else: rows[i]['candidates'][j]['acc'] = g.acc
     for r in rows:
         r.setdefault('acc_none', None)
-        r['gainable'] = bool(r['candidates']) and r['acc_none'] == 0 and any(c['acc'] > 0 for c in r['candidates'])
+        lucky = r['distractor'] is not None and r['distractor'].get('acc', 0) > 0  # right from a document without the answer
+        r['gainable'] = bool(r['candidates']) and r['acc_none'] == 0 and not lucky and any(c['acc'] > 0 for c in r['candidates'])
     return rows
 
 async def aanswer_bearing(questions: Sequence, retriever, topk: int = 5) -> list:
@@ -424,6 +435,6 @@ def answer_bearing(questions, retriever, topk: int = 5) -> list:
     "Synchronous `aanswer_bearing`."
     return run_sync(aanswer_bearing(questions, retriever, topk))
 
-def probe_gain(questions, retriever, grader, topk: int = 5) -> list[dict]:
+def probe_gain(questions, retriever, grader, topk: int = 5, distractor: bool = False) -> list[dict]:
     "Synchronous `aprobe_gain` (also inside Jupyter)."
-    return run_sync(aprobe_gain(questions, retriever, grader, topk))
+    return run_sync(aprobe_gain(questions, retriever, grader, topk, distractor))
