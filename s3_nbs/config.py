@@ -379,7 +379,7 @@ def config_keys(cls=None, prefix: str = '') -> list[str]:
     return list(_leaf_types(cls, prefix))
 
 # %% ../nbs/api/00_config.ipynb #b3d9f6a1
-KEY_NEUTRAL = {'searcher.selection': True}  # fields added after runs were first content-addressed: the value those runs had
+KEY_NEUTRAL = {'searcher.selection': True, 'train.drop_flat_groups': False, 'data.gainable_distractor': False}  # fields added after runs were first content-addressed: the value those runs had
 
 def key_dict(cfg, section: str = '') -> dict:
     """`config_to_dict(cfg)` as content addresses hash it: the fields of `KEY_NEUTRAL` at their listed value are left out.
