@@ -6,7 +6,7 @@ Docs: https://s3-nbs.github.io/s3_nbs/api/trainer.html.md"""
 
 # %% ../nbs/api/50_trainer.ipynb #98376788
 from __future__ import annotations
-import contextlib, functools, json, math, os, random, shutil, time
+import contextlib, functools, json, math, os, random, shutil, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -167,16 +167,20 @@ def advantages(algorithm: str, token_rewards, response_mask, values=None, gamma:
     raise ValueError(f"train.algorithm must be ppo or grpo, got {algorithm!r}")
 
 # %% ../nbs/api/50_trainer.ipynb #0b8ba311
-def flat_group_share(rewards: Sequence[float], group: Sequence) -> float:
-    "Share of groups (questions) whose samples all got the same reward, i.e. a zero group-normalised advantage."
+def _values_by_group(rewards: Sequence[float], group: Sequence) -> dict:
+    "group -> the set of reward values its samples got."
     by: dict = {}
     for r, g in zip(rewards, group, strict=True): by.setdefault(g, set()).add(round(float(r), 9))
+    return by
+
+def flat_group_share(rewards: Sequence[float], group: Sequence) -> float:
+    "Share of groups (questions) whose samples all got the same reward, i.e. a zero group-normalised advantage."
+    by = _values_by_group(rewards, group)
     return sum(len(v) == 1 for v in by.values()) / len(by) if by else 0.0
 
 def informative_rows(rewards: Sequence[float], group: Sequence) -> list[int]:
     "Indices of the samples whose group (question) got more than one reward value: the ones a GRPO advantage is not zero for."
-    by: dict = {}
-    for r, g in zip(rewards, group, strict=True): by.setdefault(g, set()).add(round(float(r), 9))
+    by = _values_by_group(rewards, group)
     return [i for i, g in enumerate(group) if len(by[g]) > 1]
 
 # %% ../nbs/api/50_trainer.ipynb #67ff6d5d
@@ -390,9 +394,10 @@ class Trainer:
             lp_gap = None if self.on_policy else float((batch['old_log_probs'] - batch['rollout_log_probs']).abs().mul(mask).sum() / mask.sum().clamp(min=1))
         t3 = time.perf_counter()
         if keep: upd = self.update(batch)
-        else:  # nothing to learn from this step (every group flat): no update, the schedule still advances
-            self.actor_sched.step()
-            if self.critic is not None: self.critic_sched.step()
+        else:  # nothing to learn from this step (every group flat; GRPO, so no critic): no update, the schedule still advances
+            with warnings.catch_warnings():
+                warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler.step()`')
+                self.actor_sched.step()
         t4 = time.perf_counter()
         self.step_no += 1
         summ = summarize_search(results)
