@@ -396,7 +396,7 @@ class Trainer:
         if keep: upd = self.update(batch)
         else:  # nothing to learn from this step (every group flat; GRPO, so no critic): no update, the schedule still advances
             with warnings.catch_warnings():
-                warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler.step()`')
+                warnings.filterwarnings('ignore', message='Detected call of `lr_scheduler')  # a regex: no parentheses
                 self.actor_sched.step()
         t4 = time.perf_counter()
         self.step_no += 1
